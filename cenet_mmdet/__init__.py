@@ -1,0 +1,15 @@
+"""cenet-mmdet: Channel Equilibrium (CE) norm layers and CE-ResNet backbones
+for MMDetection. Importing the package registers ``CE``, ``SyncCE`` (root
+MMEngine ``MODELS``) and ``CEResNet`` (MMDetection ``MODELS``)."""
+from .compat import allow_mmengine_checkpoints, check_environment
+from .version import __version__
+
+check_environment()
+allow_mmengine_checkpoints()
+
+from . import models  # noqa: E402,F401  (registration)
+from .engine import patch_mmengine_sync_bn  # noqa: E402
+
+patch_mmengine_sync_bn()
+
+__all__ = ['__version__']

@@ -1,0 +1,378 @@
+"""CE: batch normalization followed by a Channel Equilibrium block.
+
+Design notes
+------------
+* ``CE`` subclasses :class:`torch.nn.BatchNorm2d`, so MMCV/MMDetection treat it
+  as a norm layer: ``build_norm_layer`` names it ``bn`` (``bn1``, ``bn3`` stay
+  the torchvision names), ``norm_eval=True`` switches it to eval, and
+  ``frozen_stages`` and the optimizer's norm weight-decay rules apply. The BN
+  parameters and buffers keep their usual names; the CE block lives in the
+  child module ``ce`` (``bn3.ce.running_whitening``, ...).
+* BN and CE are computed together: every statistic (BN mean and variance, the
+  CE group covariance, the AII per-instance variances) is derived from the
+  per-sample moments of the *BN input* ``x``, and the whole layer is applied as
+  one per-sample affine map ``M_n x_n + c_n`` (see
+  :func:`cenet_mmdet.ops.fold_channel_equilibrium`). The BN output is never
+  materialized, which makes the layer cheap and lets :class:`SyncCE`
+  synchronize all statistics with a single collective.
+* All statistics, the covariance and the Newton iteration run in float32 (float64
+  for float64 inputs), also under ``torch.autocast``; the output has the input's
+  dtype.
+* Definitional choices beyond the released code (each is exact whenever the
+  released code does not divide by zero): ``running_scale`` starts at 1 (the
+  released code starts at 0, so an untrained block divides by zero in eval),
+  the AII batch scale is :math:`\\sqrt{\\max(\\bar v, \\epsilon)}`, and
+  per-instance variances are clamped at 0.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ops import (fold_channel_equilibrium, inverse_sqrt_newton,
+                    resolve_group_size, sample_moments)
+
+WHITENING_MODES = ('released', 'paper')
+
+#: released CE key suffix -> key suffix inside :attr:`CE.ce` (the checkpoint map)
+RELEASED_CE_KEYS = {
+    'x_weight': 'lambda_logit',
+    'running_mean': 'running_mean',
+    'running_wm': 'running_whitening',
+    'AR.running_scale': 'aii.running_scale',
+    'AR.fc.0.weight': 'aii.gate.0.weight',
+    'AR.fc.1.weight': 'aii.gate.1.weight',
+    'AR.fc.1.bias': 'aii.gate.1.bias',
+    'AR.fc.3.weight': 'aii.gate.3.weight',
+}
+
+
+def _params_to_buffers(module: nn.Module) -> None:
+    """Re-register every parameter of ``module`` (recursively) as a buffer.
+
+    State-dict keys are unchanged, so checkpoints load either way, but the
+    tensors are invisible to optimizers, ``requires_grad`` switches and DDP.
+    """
+    for submodule in module.modules():
+        for name, param in list(submodule.named_parameters(recurse=False)):
+            delattr(submodule, name)
+            submodule.register_buffer(name, param.detach().clone())
+
+
+class AdaptiveInstanceInverse(nn.Module):
+    """AII: a gated per-instance rescaling by the inverse batch scale.
+
+    .. math::
+        \\mathrm{AII}(y)_{nc} = y_{nc}\\, \\sigma\\big(W_2\\,
+        \\mathrm{ReLU}(\\mathrm{LN}(W_1 v_n))\\big)_c / s
+
+    with :math:`v_{nc}` the unbiased variance of :math:`y_{nc}` over ``H*W`` and
+    :math:`s = \\sqrt{\\mathrm{mean}_{n,c}\\, v_{nc}}` in training
+    (``running_scale`` in eval).
+
+    Args:
+        num_channels: ``C``.
+        reduction: the gate's hidden width is ``C // reduction``. Default: 4.
+    """
+
+    def __init__(self, num_channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = num_channels // reduction
+        if hidden < 1:
+            raise ValueError(f'reduction={reduction} leaves no hidden unit for '
+                             f'{num_channels} channels')
+        # Indices 0, 1, 3 match the released ``AR.fc`` layout.
+        self.gate = nn.Sequential(
+            nn.Linear(num_channels, hidden, bias=False), nn.LayerNorm(hidden),
+            nn.ReLU(inplace=True), nn.Linear(hidden, num_channels, bias=False))
+        # The released code starts at 0 (division by zero before training).
+        self.register_buffer('running_scale', torch.ones(1))
+
+    def forward(self, variance: Tensor) -> Tensor:
+        """Gate values ``(N, C)`` in (0, 1) from per-instance variances ``(N, C)``."""
+        return torch.sigmoid(self.gate(variance))
+
+
+class CEBlock(nn.Module):
+    """The parameters and buffers of one Channel Equilibrium block.
+
+    .. math::
+        p = \\lambda\\, \\mathrm{BD}(y) + (1 - \\lambda)\\, \\mathrm{AII}(y),\\quad
+        \\lambda = \\sigma(\\text{lambda\\_logit})
+
+    The computation is done by :class:`CE`, which owns the preceding BN.
+
+    Args:
+        num_channels: ``C``.
+        group_size: channels per whitening group ``d`` (halved until it divides
+            ``C``). Default: 16.
+        num_iters: Newton steps ``T``. Default: 3.
+        eps: added to the covariance diagonal. Default: 1e-5.
+        reduction: AII gate reduction. Default: 4.
+        whitening: ``'released'`` (``P_T`` applied to the uncentred input) or
+            ``'paper'`` (``P_T / sqrt(tr Sigma)`` applied to the centred input).
+    """
+
+    def __init__(self,
+                 num_channels: int,
+                 group_size: int = 16,
+                 num_iters: int = 3,
+                 eps: float = 1e-5,
+                 reduction: int = 4,
+                 whitening: str = 'released') -> None:
+        super().__init__()
+        if whitening not in WHITENING_MODES:
+            raise ValueError(f'whitening must be one of {WHITENING_MODES}, '
+                             f'got {whitening!r}')
+        if not isinstance(num_iters, int) or num_iters < 0:
+            raise ValueError(f'num_iters must be an int >= 0, got {num_iters!r}')
+        self.num_channels = num_channels
+        self.group_size = resolve_group_size(num_channels, group_size)
+        self.num_groups = num_channels // self.group_size
+        self.num_iters = num_iters
+        self.eps = eps
+        self.whitening = whitening
+        self.lambda_logit = nn.Parameter(torch.zeros(1))
+        self.aii = AdaptiveInstanceInverse(num_channels, reduction)
+        groups, size = self.num_groups, self.group_size
+        self.register_buffer('running_mean', torch.zeros(groups, size, 1))
+        # A real (G, d, d) tensor, not an expanded identity.
+        self.register_buffer('running_whitening',
+                             torch.eye(size).repeat(groups, 1, 1))
+
+    def freeze_gate(self) -> None:
+        """Fix lambda and the AII gate F (the paper's SyncCE detection setting)."""
+        _params_to_buffers(self)
+
+    def extra_repr(self) -> str:
+        return (f'{self.num_channels}, group_size={self.group_size}, '
+                f'num_iters={self.num_iters}, eps={self.eps}, '
+                f'whitening={self.whitening!r}')
+
+
+class CE(nn.BatchNorm2d):
+    """Batch normalization followed by Channel Equilibrium (the released CE).
+
+    Args:
+        num_features: ``C`` of an input ``(N, C, H, W)``.
+        eps: BN epsilon. Default: 1e-5.
+        momentum: running-statistics momentum of BN and CE. Default: 0.1.
+        affine: BN affine parameters. Default: True.
+        group_size: CE whitening group size ``d``. Default: 16 (64 in the stem).
+        num_iters: Newton steps ``T``. Default: 3.
+        ce_eps: covariance epsilon. Default: 1e-5.
+        reduction: AII gate reduction. Default: 4.
+        pool_stats: compute the CE mean and covariance on a 2x2 max-pooled copy
+            of the BN output (released option, off in the released ResNet).
+        whitening: ``'released'`` (default) or ``'paper'``.
+        frozen_gate: fix lambda and the AII gate (stored as buffers), as in the
+            paper's SyncCE detection setting. Default: False.
+
+    Shape:
+        input and output ``(N, C, H, W)`` with ``H * W > 1``.
+    """
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: float = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 group_size: int = 16,
+                 num_iters: int = 3,
+                 ce_eps: float = 1e-5,
+                 reduction: int = 4,
+                 pool_stats: bool = False,
+                 whitening: str = 'released',
+                 frozen_gate: bool = False) -> None:
+        if not track_running_stats:
+            raise ValueError('CE needs running statistics '
+                             '(track_running_stats=True)')
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f'momentum must be a float in [0, 1], got {momentum!r}')
+        super().__init__(num_features, eps, momentum, affine, True)
+        self.pool_stats = pool_stats
+        self.ce = CEBlock(num_features, group_size, num_iters, ce_eps, reduction,
+                          whitening)
+        if frozen_gate:
+            self.ce.freeze_gate()
+
+    @property
+    def frozen_gate(self) -> bool:
+        return not any(True for _ in self.ce.parameters())
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f'{type(self).__name__} expects a 4-D input '
+                             f'(N, C, H, W), got shape {tuple(x.shape)}')
+        if x.size(1) != self.num_features:
+            raise ValueError(f'{type(self).__name__} was built for '
+                             f'{self.num_features} channels, got an input with '
+                             f'{x.size(1)} (shape {tuple(x.shape)})')
+        if x.size(2) * x.size(3) < 2:
+            raise ValueError(
+                f'{type(self).__name__}: the AII branch needs at least 2 spatial '
+                f'positions per channel (unbiased variance over H*W), got '
+                f'{tuple(x.shape)}')
+
+    # ------------------------------------------------------------ statistics
+    def _reduce(self, packed: Tensor) -> Tensor:
+        """Combine the packed batch statistics across workers (identity here)."""
+        return packed
+
+    def _use_batch_stats(self) -> bool:
+        return self.training
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            x_compute = x.to(compute_dtype)
+            n, c, h, w = x.shape
+            # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
+            x_grouped = x_compute.reshape(n, self.ce.num_groups,
+                                          self.ce.group_size, h * w)
+            if self._use_batch_stats():
+                matrix, bias = self._train_maps(x_grouped, h, w)
+            else:
+                matrix, bias = self._eval_maps(x_grouped)
+            # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, G, d, L)
+            out = torch.matmul(matrix, x_grouped).add_(bias)
+        return out.view(n, c, h, w).to(x.dtype)
+
+    def _bn_affine(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        """BN as ``y = a * x + b``: ``(C,)`` scale and shift."""
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.to(scale.dtype)
+            shift = self.bias.to(scale.dtype) - mean * scale
+        else:
+            shift = -mean * scale
+        return scale, shift
+
+    def _instance_variance(self, sums: Tensor, squares: Tensor,
+                           positions: int) -> Tensor:
+        """Unbiased per-instance variance ``(N, C)`` of the BN input."""
+        var = (squares - sums.square() / positions) / (positions - 1)
+        return var.clamp_min(0).flatten(1)
+
+    def _check_batch(self, x_grouped: Tensor) -> None:
+        if x_grouped.size(0) == 0:
+            raise ValueError(
+                f'{type(self).__name__}: expected more than 1 value per channel '
+                f'when training with batch statistics, got an empty batch '
+                f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
+
+    def _train_maps(self, x_grouped: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
+        ce = self.ce
+        n, groups, size, positions = x_grouped.shape
+        self._check_batch(x_grouped)
+        channels = groups * size
+        sums, gram = sample_moments(x_grouped, with_gram=True)
+        squares = gram.diagonal(dim1=-2, dim2=-1)  # (N, G, d)
+        instance_var = self._instance_variance(sums, squares, positions)
+        # Pack every batch statistic for one reduction:
+        # [sum x (C) | sum x x^T (G*d*d) | sum_n var_nc (C) | N*L | N]
+        packed = torch.cat([
+            sums.sum(0).flatten(),
+            gram.sum(0).flatten(),
+            instance_var.sum(0),
+            x_grouped.new_tensor([n * positions, n]),
+        ])
+        packed = self._reduce(packed)
+        total_sum, total_gram, total_var, counts = torch.split(
+            packed, [channels, channels * size, channels, 2])
+        # Clamped so that an all-empty synchronized batch cannot divide by 0.
+        count, num_instances = counts[0].clamp_min(2), counts[1].clamp_min(1)
+
+        # BN statistics and affine map.
+        mean = total_sum / count  # (C,)
+        second = total_gram.view(groups, size, size) / count  # (G, d, d)
+        var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean.square()).clamp_min(0)
+        bn_scale, bn_shift = self._bn_affine(mean, var)
+        scale_g = bn_scale.view(groups, size)
+        shift_g = bn_shift.view(groups, size)
+
+        # BD: covariance of y = a x + b is diag(a) Cov(x) diag(a).
+        mean_g = mean.view(groups, size)
+        cov_x = second - mean_g.unsqueeze(-1) * mean_g.unsqueeze(-2)
+        cov_y = cov_x * scale_g.unsqueeze(-1) * scale_g.unsqueeze(-2)
+        mean_y = scale_g * mean_g + shift_g  # (G, d)
+        if self.pool_stats:
+            cov_y, mean_y = self._pooled_covariance(x_grouped, scale_g, shift_g,
+                                                    count, h, w)
+        eye = torch.eye(size, dtype=cov_y.dtype, device=cov_y.device)
+        cov_y = cov_y + ce.eps * eye
+        whitening = inverse_sqrt_newton(
+            cov_y, ce.num_iters, rescale=ce.whitening == 'paper')
+
+        # AII: per-instance variance of y is a^2 Var(x); batch scale from all N, C.
+        mean_var = (total_var * bn_scale.square()).sum() / (num_instances * channels)
+        aii_scale = mean_var.clamp_min(ce.eps).sqrt()
+        self._update_running(mean, var, count, mean_y, whitening, aii_scale)
+        return self._maps(whitening, aii_scale, instance_var * bn_scale.square(),
+                          scale_g, shift_g, mean_y)
+
+    def _pooled_covariance(self, x_grouped: Tensor, scale_g: Tensor,
+                           shift_g: Tensor, count: Tensor, h: int,
+                           w: int) -> Tuple[Tensor, Tensor]:
+        """Released ``pool_stats`` option: mean and covariance of the 2x2
+        max-pooled BN output, normalized by the unpooled count."""
+        n, groups, size, _ = x_grouped.shape
+        y = x_grouped * scale_g[..., None] + shift_g[..., None]
+        pooled = F.max_pool2d(y.reshape(n, groups * size, h, w), 2, 2)
+        pooled = pooled.reshape(n, groups, size, -1)
+        mean_y = pooled.mean(dim=(0, 3))  # (G, d)
+        centred = pooled - mean_y[None, :, :, None]
+        cov = torch.matmul(centred, centred.transpose(-1, -2)).sum(0) / count
+        return cov, mean_y
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor,
+                        mean_y: Tensor, whitening: Tensor,
+                        aii_scale: Tensor) -> None:
+        momentum = self.momentum
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            unbiased = var * (count / (count - 1))
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+            ce = self.ce
+            ce.running_mean.lerp_(
+                mean_y.unsqueeze(-1).to(ce.running_mean.dtype), momentum)
+            ce.running_whitening.lerp_(
+                whitening.to(ce.running_whitening.dtype), momentum)
+            ce.aii.running_scale.lerp_(
+                aii_scale.reshape(1).to(ce.aii.running_scale.dtype), momentum)
+
+    def _eval_maps(self, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+        ce = self.ce
+        dtype = x_grouped.dtype
+        _, groups, size, positions = x_grouped.shape
+        sums, squares = sample_moments(x_grouped, with_gram=False)
+        bn_scale, bn_shift = self._bn_affine(
+            self.running_mean.to(dtype), self.running_var.to(dtype))
+        instance_var = self._instance_variance(sums, squares, positions)
+        return self._maps(ce.running_whitening.to(dtype),
+                          ce.aii.running_scale.to(dtype),
+                          instance_var * bn_scale.square(),
+                          bn_scale.view(groups, size), bn_shift.view(groups, size),
+                          ce.running_mean.to(dtype).squeeze(-1))
+
+    def _maps(self, whitening: Tensor, aii_scale: Tensor, instance_var_y: Tensor,
+              scale_g: Tensor, shift_g: Tensor,
+              mean_y: Tensor) -> Tuple[Tensor, Tensor]:
+        ce = self.ce
+        dtype = whitening.dtype
+        lam = torch.sigmoid(ce.lambda_logit.to(dtype))
+        gate = self._gate(instance_var_y)
+        instance_scale = (1 - lam) * gate / aii_scale  # (N, C)
+        center = mean_y if ce.whitening == 'paper' else None
+        return fold_channel_equilibrium(
+            lam, whitening, instance_scale.view(-1, ce.num_groups, ce.group_size),
+            scale_g, shift_g, center)
+
+    def _gate(self, instance_var_y: Tensor) -> Tensor:
+        """AII gate, evaluated in the gate's own dtype, returned in the input's."""
+        gate_dtype = self.ce.aii.gate[0].weight.dtype
+        return self.ce.aii(instance_var_y.to(gate_dtype)).to(instance_var_y.dtype)

@@ -1,0 +1,117 @@
+"""SyncCE: CE whose batch statistics are computed over all workers.
+
+What is synchronized, and how it is weighted
+--------------------------------------------
+Every batch statistic of the layer is a sum over positions or instances, so
+each worker contributes its local sums and counts and the layer uses the global
+sums divided by the global counts. This is exactly what one process computes on
+the concatenated batch, also when workers hold different ``N`` or ``H*W``
+(detection pads each GPU's batch to its own size). Per-worker means are never
+averaged with equal weights.
+
+One ``all_reduce`` (SUM) per layer and training forward carries, packed in one
+tensor (float32; float64 for float64 inputs)::
+
+    [ sum_x (C) | sum_x x x^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
+
+i.e. ``4 * (2*C + C*d + 2)`` bytes: 18,440 bytes for C=256, d=16; 16,904 bytes
+for the stem (C=64, d=64). The backward pass all-reduces the gradient of that
+tensor once (the sums are differentiable). Evaluation uses running statistics
+and communicates nothing. A worker with an empty batch still joins both
+collectives and contributes zeros.
+"""
+import copy
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .ce import CE
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable SUM all-reduce: the backward all-reduces the gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        reduced = tensor.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+        return reduced
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # Every worker's loss depends on the global sums, so the gradient of
+        # the total loss w.r.t. a local sum is the sum of all workers' gradients.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+class SyncCE(CE):
+    """SyncBN + CE with every batch statistic synchronized across workers.
+
+    Deliberately not a subclass of :class:`torch.nn.SyncBatchNorm`, which
+    MMEngine's ``revert_sync_batchnorm`` would rebuild as a plain BN. Falls back
+    to :class:`CE` when torch.distributed is not initialized, the world size is
+    1, or in eval mode.
+
+    Args:
+        num_features: ``C`` of an input ``(N, C, H, W)``.
+        process_group: the group to synchronize over. Default: the world.
+        **kwargs: the options of :class:`CE` (``pool_stats`` is not supported).
+    """
+
+    def __init__(self, num_features: int, *args,
+                 process_group: Optional[dist.ProcessGroup] = None,
+                 **kwargs) -> None:
+        if kwargs.get('pool_stats', False):
+            raise ValueError('SyncCE does not support pool_stats=True (the pooled '
+                             'covariance would need a second collective)')
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    def _distributed(self) -> bool:
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def _check_batch(self, x_grouped: Tensor) -> None:
+        if not self._distributed():  # an empty local batch is fine when synced
+            super()._check_batch(x_grouped)
+
+    def _reduce(self, packed: Tensor) -> Tensor:
+        if not self._distributed():
+            return packed
+        return _AllReduceSum.apply(packed, self.process_group)
+
+    @classmethod
+    def convert_sync_ce(cls, module: nn.Module,
+                        process_group: Optional[dist.ProcessGroup] = None
+                        ) -> nn.Module:
+        """Recursively replace every :class:`CE` (not yet synced) by a SyncCE,
+        keeping its parameters, buffers and train/eval mode."""
+        if isinstance(module, CE) and not isinstance(module, SyncCE):
+            converted = cls.from_ce(module, process_group)
+            return converted
+        for name, child in module.named_children():
+            new_child = cls.convert_sync_ce(child, process_group)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
+
+    @classmethod
+    def from_ce(cls, layer: CE,
+                process_group: Optional[dist.ProcessGroup] = None) -> 'SyncCE':
+        """A SyncCE holding the same tensors (shared, not copied) as ``layer``."""
+        if layer.pool_stats:
+            raise ValueError('cannot convert a CE layer with pool_stats=True to '
+                             'SyncCE')
+        synced = cls.__new__(cls)
+        # Shallow copies of the module's dicts: the tensors are shared.
+        synced.__dict__.update({
+            key: copy.copy(value) if isinstance(value, dict) else value
+            for key, value in layer.__dict__.items()
+        })
+        synced.process_group = process_group
+        return synced

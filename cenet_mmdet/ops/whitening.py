@@ -1,0 +1,138 @@
+"""Pure tensor functions of Channel Equilibrium (no modules, no registries).
+
+Notation used throughout: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
+``(N, G, d, L)`` with ``G`` groups of ``d`` contiguous channels and ``L = H * W``
+positions. For a contiguous NCHW tensor this view is free (no copy).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def resolve_group_size(num_channels: int, group_size: int) -> int:
+    """Return the whitening group size used for ``num_channels`` channels.
+
+    As in the released code, ``group_size`` is halved until it divides
+    ``num_channels``. Ending at a group size of 1 (no decorrelation at all)
+    while more was asked is refused with the sizes that would work.
+    """
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f'group_size must be a positive int, got {group_size!r}')
+    if not isinstance(num_channels, int) or num_channels < 1:
+        raise ValueError(
+            f'num_channels must be a positive int, got {num_channels!r}')
+    size = min(group_size, num_channels)
+    while num_channels % size:
+        size //= 2
+    if size == 1 and group_size > 1 and num_channels > 1:
+        possible = [
+            k for k in range(2, min(group_size, num_channels) + 1)
+            if num_channels % k == 0
+        ]
+        raise ValueError(
+            f'group_size={group_size} cannot split {num_channels} channels into '
+            f'groups (halving it ends at 1); possible group sizes for '
+            f'{num_channels} channels: {possible or "none above 1"}')
+    return size
+
+
+def sample_moments(x_grouped: Tensor,
+                   with_gram: bool = True) -> Tuple[Tensor, Tensor]:
+    """Per-sample first and second moments of a grouped input.
+
+    Args:
+        x_grouped: ``(N, G, d, L)``.
+        with_gram: return the full per-group Gram matrices (training) instead
+            of only their diagonals (evaluation).
+
+    Returns:
+        ``sums`` ``(N, G, d)``: :math:`\\sum_l x_{l}`, and either ``gram``
+        ``(N, G, d, d)``: :math:`\\sum_l x_l x_l^T`, or ``squares``
+        ``(N, G, d)``: :math:`\\sum_l x_l^2`.
+    """
+    sums = x_grouped.sum(dim=-1)
+    if with_gram:
+        # (N, G, d, L) @ (N, G, L, d) -> (N, G, d, d): one batched matmul, no copy.
+        return sums, torch.matmul(x_grouped, x_grouped.transpose(-1, -2))
+    return sums, torch.linalg.vector_norm(x_grouped, dim=-1).square()
+
+
+def inverse_sqrt_newton(covariance: Tensor,
+                        num_iters: int,
+                        rescale: bool = False) -> Tensor:
+    """Newton-Schulz iteration for the inverse square root, as released.
+
+    .. math::
+        \\Sigma_N = \\Sigma / \\mathrm{tr}(\\Sigma),\\quad P_0 = I,\\quad
+        P_{k+1} = \\tfrac{3}{2} P_k - \\tfrac{1}{2} P_k^3 \\Sigma_N
+
+    The released CE returns :math:`P_T` (no trace rescaling). With
+    ``rescale=True`` it returns :math:`P_T / \\sqrt{\\mathrm{tr}(\\Sigma)}`,
+    which converges to :math:`\\Sigma^{-1/2}` (the paper's whitening).
+
+    Args:
+        covariance: ``(G, d, d)`` symmetric positive definite.
+        num_iters: ``T >= 0``.
+
+    Returns:
+        ``(G, d, d)`` whitening matrices.
+    """
+    trace = covariance.diagonal(dim1=-2, dim2=-1).sum(-1)  # (G,)
+    normalized = covariance / trace[:, None, None]
+    eye = torch.eye(
+        covariance.size(-1), dtype=covariance.dtype, device=covariance.device)
+    if num_iters == 0:
+        whitening = eye.repeat(covariance.size(0), 1, 1)
+    else:
+        # P_1 = 1.5 I - 0.5 Sigma_N, without multiplying by the identity.
+        whitening = 1.5 * eye - 0.5 * normalized
+        for _ in range(num_iters - 1):
+            cube = torch.matmul(torch.matmul(whitening, whitening), whitening)
+            whitening = torch.baddbmm(
+                whitening, cube, normalized, beta=1.5, alpha=-0.5)
+    if rescale:
+        whitening = whitening * trace.rsqrt()[:, None, None]
+    return whitening
+
+
+def fold_channel_equilibrium(
+        lam: Tensor,
+        whitening: Tensor,
+        instance_scale: Tensor,
+        bn_scale: Tensor,
+        bn_shift: Tensor,
+        center: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fold BN affine, BD and AII into one per-sample affine map.
+
+    With :math:`y = a \\odot x + b` (the BN output) the CE output is
+
+    .. math::
+        p_n = \\lambda W (y_n - \\mu) + \\mathrm{diag}(k_n) y_n
+            = M_n x_n + c_n,\\quad
+        M_n = (\\lambda W + \\mathrm{diag}(k_n))\\,\\mathrm{diag}(a),\\quad
+        c_n = (\\lambda W + \\mathrm{diag}(k_n))\\, b - \\lambda W \\mu
+
+    where :math:`k_n = (1-\\lambda)\\, g_n / s` is the AII diagonal and
+    :math:`\\mu = 0` for the released function (BD on the uncentred input).
+
+    Args:
+        lam: scalar tensor, :math:`\\lambda`.
+        whitening: ``(G, d, d)``, :math:`W`.
+        instance_scale: ``(N, G, d)``, :math:`k_n`.
+        bn_scale: ``(G, d)``, :math:`a`.
+        bn_shift: ``(G, d)``, :math:`b`.
+        center: ``(G, d)`` or ``None``, :math:`\\mu`.
+
+    Returns:
+        ``matrix`` ``(N, G, d, d)`` and ``bias`` ``(N, G, d, 1)``.
+    """
+    scaled_whitening = lam * whitening  # (G, d, d)
+    # (N, G, d, d) = (1, G, d, d) + diag_embed((N, G, d))
+    mixing = scaled_whitening.unsqueeze(0) + torch.diag_embed(instance_scale)
+    matrix = mixing * bn_scale[None, :, None, :]  # scale the columns by a
+    shift = bn_shift if center is None else bn_shift - center
+    # (G, d, d) @ (G, d, 1) -> (G, d); broadcast over N, plus the diagonal part.
+    bias = torch.matmul(scaled_whitening, shift.unsqueeze(-1)).squeeze(-1)
+    bias = bias.unsqueeze(0) + instance_scale * bn_shift.unsqueeze(0)
+    return matrix, bias.unsqueeze(-1)

@@ -1,0 +1,4 @@
+"""Independent references used by the tests and the benchmarks."""
+from .released_ce import ReleasedBNCE, ReleasedCE, released_to_plugin_keys
+
+__all__ = ['ReleasedBNCE', 'ReleasedCE', 'released_to_plugin_keys']
