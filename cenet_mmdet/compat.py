@@ -5,9 +5,11 @@
   message pointing at the set-up command instead of a deep ``ImportError``.
 * :func:`allow_mmengine_checkpoints`: torch >= 2.6 loads with
   ``weights_only=True``; MMEngine 0.10.7 checkpoints then fail with
-  "Unsupported global". Rather than disabling the safety, the few types that
+  "Unsupported global". Rather than disabling the safety, the types that
   MMEngine checkpoints contain (its ``HistoryBuffer`` and the numpy types of
-  the message hub) are added to torch's allow-list.
+  the message hub) are added to torch's allow-list, and ``getattr`` (pickled
+  ``HistoryBuffer`` methods) is allowed only inside MMEngine's checkpoint
+  loader.
 """
 import importlib.util
 
@@ -70,9 +72,63 @@ def mmengine_checkpoint_globals() -> list:
     return safe
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Allow-list MMEngine's checkpoint types for ``torch.load(weights_only=True)``."""
+def _filter_statistics_methods(setstate):
+    """Wrap ``HistoryBuffer.__setstate__``: keep only its own statistics methods.
+
+    MMEngine pickles the buffer's ``statistics_methods`` as
+    ``getattr(HistoryBuffer, 'mean')``, and ``__setstate__`` merges them into a
+    class-level table that is later called. Only the methods that really are
+    ``HistoryBuffer``'s are kept, so a crafted checkpoint cannot inject others.
+    """
+
+    def __setstate__(self, state):
+        from mmengine.logging.history_buffer import HistoryBuffer
+        methods = state.get('statistics_methods', {})
+        state['statistics_methods'] = {
+            name: method for name, method in methods.items()
+            if getattr(HistoryBuffer, name, None) is method
+        }
+        return setstate(self, state)
+
+    __setstate__._cenet_wrapped = True
+    return __setstate__
+
+
+def _load_with_getattr(load_checkpoint):
+    """Wrap ``CheckpointLoader.load_checkpoint``: allow ``getattr`` (used by the
+    pickled ``HistoryBuffer`` methods) only while MMEngine loads a checkpoint."""
     import torch
-    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is not None:  # torch >= 2.4
-        add_safe_globals(mmengine_checkpoint_globals())
+
+    def wrapped(cls, filename, map_location=None, logger='current'):
+        with torch.serialization.safe_globals([getattr]):
+            return load_checkpoint(cls, filename, map_location, logger)
+
+    wrapped._cenet_wrapped = True
+    return classmethod(wrapped)
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Make MMEngine checkpoints load under ``torch.load(weights_only=True)``.
+
+    * data types (``HistoryBuffer``, numpy arrays, dtypes, scalars) join
+      torch's allow-list for every ``torch.load``;
+    * ``getattr`` is allowed only inside MMEngine's ``CheckpointLoader``
+      (resume, ``load_from``, ``Pretrained`` init, ``tools/test.py``), and the
+      functions it may produce are restricted to ``HistoryBuffer``'s own.
+    Idempotent; a no-op on torch < 2.5.
+    """
+    import torch
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    serialization = torch.serialization
+    if not (hasattr(serialization, 'add_safe_globals')
+            and hasattr(serialization, 'safe_globals')):
+        return
+    serialization.add_safe_globals(mmengine_checkpoint_globals())
+    if not getattr(HistoryBuffer.__setstate__, '_cenet_wrapped', False):
+        HistoryBuffer.__setstate__ = _filter_statistics_methods(
+            HistoryBuffer.__setstate__)
+    loader = CheckpointLoader.__dict__['load_checkpoint'].__func__
+    if not getattr(loader, '_cenet_wrapped', False):
+        CheckpointLoader.load_checkpoint = _load_with_getattr(loader)

@@ -89,14 +89,14 @@ else
     BUILD_DIR=$(mktemp -d "$CACHE_DIR/build.XXXXXX")
     echo "  building mmcv $MMCV_VERSION from source with ops (about 25 min on 2 cores, MAX_JOBS=$MAX_JOBS)"
     echo "  log: $CACHE_DIR/mmcv-build.log; cache: $WHEEL_DIR"
-    # Progress: one line per compiled source file.
+    # Progress: the latest ninja [done/total] counter every 30 s.
     MMCV_WITH_OPS=1 FORCE_CUDA=0 "$PY" -m pip wheel -v --no-build-isolation --no-deps \
         "mmcv==$MMCV_VERSION" -w "$BUILD_DIR" > "$CACHE_DIR/mmcv-build.log" 2>&1 &
     BUILD_PID=$!
     while kill -0 "$BUILD_PID" 2>/dev/null; do
       sleep 30
-      n=$(grep -c -E '^\s*(\[[0-9]+/[0-9]+\]|(x86_64-linux-gnu-)?(gcc|g\+\+|c\+\+) )' "$CACHE_DIR/mmcv-build.log" || true)
-      echo "  [mmcv build +$(( $(date +%s) - T0 ))s] $n compiler invocations so far"
+      progress=$(grep -o -E '^\s*\[[0-9]+/[0-9]+\]' "$CACHE_DIR/mmcv-build.log" | tail -n 1 | tr -d ' ' || true)
+      echo "  [mmcv build +$(( $(date +%s) - T0 ))s] compiled ${progress:-[starting]} sources"
     done
     wait "$BUILD_PID"
     ls "$BUILD_DIR"/mmcv-*.whl >/dev/null

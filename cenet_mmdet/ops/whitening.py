@@ -22,7 +22,7 @@ def resolve_group_size(num_channels: int, group_size: int) -> int:
     if not isinstance(num_channels, int) or num_channels < 1:
         raise ValueError(
             f'num_channels must be a positive int, got {num_channels!r}')
-    size = min(group_size, num_channels)
+    size = group_size
     while num_channels % size:
         size //= 2
     if size == 1 and group_size > 1 and num_channels > 1:
@@ -51,11 +51,38 @@ def sample_moments(x_grouped: Tensor,
         ``(N, G, d, d)``: :math:`\\sum_l x_l x_l^T`, or ``squares``
         ``(N, G, d)``: :math:`\\sum_l x_l^2`.
     """
-    sums = x_grouped.sum(dim=-1)
     if with_gram:
-        # (N, G, d, L) @ (N, G, L, d) -> (N, G, d, d): one batched matmul, no copy.
-        return sums, torch.matmul(x_grouped, x_grouped.transpose(-1, -2))
+        return _GroupMoments.apply(x_grouped)
+    sums = x_grouped.sum(dim=-1)
     return sums, torch.linalg.vector_norm(x_grouped, dim=-1).square()
+
+
+class _GroupMoments(torch.autograd.Function):
+    r"""``x -> (sum_l x_l, sum_l x_l x_l^T)`` with a one-matmul backward.
+
+    Plain autograd differentiates the Gram matrix with two matmuls and a
+    strided add; here :math:`\partial/\partial x = (G + G^T) x + g_s 1^T`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x_grouped)
+        sums = x_grouped.sum(dim=-1)
+        # (N, G, d, L) @ (N, G, L, d) -> (N, G, d, d): one batched matmul, no copy.
+        gram = torch.matmul(x_grouped, x_grouped.transpose(-1, -2))
+        return sums, gram
+
+    @staticmethod
+    def backward(ctx, grad_sums: Optional[Tensor],
+                 grad_gram: Optional[Tensor]) -> Tensor:
+        x_grouped, = ctx.saved_tensors
+        if grad_gram is None:
+            grad_gram = x_grouped.new_zeros(x_grouped.shape[:-1] + x_grouped.shape[-2:-1])
+        symmetric = grad_gram + grad_gram.transpose(-1, -2)  # (N, G, d, d)
+        grad = torch.matmul(symmetric, x_grouped)  # (N, G, d, L)
+        if grad_sums is not None:
+            grad = grad.add_(grad_sums.unsqueeze(-1))
+        return grad
 
 
 def inverse_sqrt_newton(covariance: Tensor,

@@ -114,3 +114,33 @@ def released_to_plugin_keys(state_dict):
         else:
             raise KeyError(key)
     return out
+
+
+def plugin_to_released_keys(state_dict):
+    """Inverse of :func:`released_to_plugin_keys`."""
+    inverse = {v: k for k, v in RELEASED_CE_KEYS.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith('ce.'):
+            out['ce.' + inverse[key[3:]]] = value
+        else:
+            out['bn.' + key] = value
+    return out
+
+
+def swap_in_released_ce(model):
+    """Replace every plugin CE layer in ``model`` by an equivalent
+    :class:`ReleasedBNCE` (same tensors), e.g. to benchmark the transcription."""
+    from ..models.layers import CE
+    for name, child in list(model.named_children()):
+        if isinstance(child, CE):
+            released = ReleasedBNCE(
+                child.num_features, group_size=child.ce.group_size,
+                num_iters=child.ce.num_iters, eps=child.ce.eps,
+                momentum=child.momentum, pool_stats=child.pool_stats)
+            released.load_state_dict(plugin_to_released_keys(child.state_dict()))
+            released.train(child.training)
+            setattr(model, name, released.to(child.weight.device))
+        else:
+            swap_in_released_ce(child)
+    return model

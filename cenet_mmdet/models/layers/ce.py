@@ -234,7 +234,13 @@ class CE(nn.BatchNorm2d):
             x_grouped = x_compute.reshape(n, self.ce.num_groups,
                                           self.ce.group_size, h * w)
             if self._use_batch_stats():
-                matrix, bias = self._train_maps(x_grouped, h, w)
+                # Moments of x - running_mean: the one-pass sums stay accurate
+                # when |mean| >> std. The shift is folded back exactly.
+                # (a copy: the running mean is updated in place below)
+                offset = self.running_mean.to(compute_dtype, copy=True)
+                x_grouped = x_grouped - offset.view(
+                    1, self.ce.num_groups, self.ce.group_size, 1)
+                matrix, bias = self._train_maps(x_grouped, offset, h, w)
             else:
                 matrix, bias = self._eval_maps(x_grouped)
             # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, G, d, L)
@@ -264,7 +270,9 @@ class CE(nn.BatchNorm2d):
                 f'when training with batch statistics, got an empty batch '
                 f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
 
-    def _train_maps(self, x_grouped: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
+    def _train_maps(self, x_grouped: Tensor, offset: Tensor, h: int,
+                    w: int) -> Tuple[Tensor, Tensor]:
+        """Maps from batch statistics; ``x_grouped`` is ``x - offset``."""
         ce = self.ce
         n, groups, size, positions = x_grouped.shape
         self._check_batch(x_grouped)
@@ -286,16 +294,18 @@ class CE(nn.BatchNorm2d):
         # Clamped so that an all-empty synchronized batch cannot divide by 0.
         count, num_instances = counts[0].clamp_min(2), counts[1].clamp_min(1)
 
-        # BN statistics and affine map.
-        mean = total_sum / count  # (C,)
+        # BN statistics of the shifted input x_s = x - r (r = offset).
+        mean_s = total_sum / count  # (C,)
         second = total_gram.view(groups, size, size) / count  # (G, d, d)
-        var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean.square()).clamp_min(0)
+        var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean_s.square()).clamp_min(0)
+        mean = mean_s + offset
         bn_scale, bn_shift = self._bn_affine(mean, var)
         scale_g = bn_scale.view(groups, size)
-        shift_g = bn_shift.view(groups, size)
+        # y = a x + b = a x_s + (b + a r): the map is applied to x_s.
+        shift_g = (bn_shift + bn_scale * offset).view(groups, size)
 
         # BD: covariance of y = a x + b is diag(a) Cov(x) diag(a).
-        mean_g = mean.view(groups, size)
+        mean_g = mean_s.view(groups, size)
         cov_x = second - mean_g.unsqueeze(-1) * mean_g.unsqueeze(-2)
         cov_y = cov_x * scale_g.unsqueeze(-1) * scale_g.unsqueeze(-2)
         mean_y = scale_g * mean_g + shift_g  # (G, d)

@@ -1,0 +1,136 @@
+"""CE against an independent transcription of the released function."""
+import copy
+
+import pytest
+import torch
+from mmcv.cnn import build_norm_layer
+
+from cenet_mmdet.models.layers import CE
+from cenet_mmdet.testing import ReleasedBNCE, released_to_plugin_keys
+
+
+def _randomize(ref: ReleasedBNCE, seed: int) -> None:
+    """Non-trivial BN affine/statistics, lambda and gate (released names)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in ref.parameters():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+        ref.bn.weight.add_(1.5)
+        ref.ce.AR.fc[1].weight.add_(1.0)
+        ref.bn.running_mean.copy_(torch.randn(ref.bn.running_mean.shape, generator=gen))
+        ref.bn.running_var.uniform_(0.5, 2.0, generator=gen)
+
+
+def _pair(channels, dtype, seed=0, **kwargs):
+    ref = ReleasedBNCE(channels, **kwargs)
+    _randomize(ref, seed)
+    ref = ref.to(dtype)
+    ce_kwargs = {k: v for k, v in kwargs.items() if k != 'momentum'}
+    layer = CE(channels, **ce_kwargs).to(dtype)
+    layer.load_state_dict(released_to_plugin_keys(ref.state_dict()))
+    return ref, layer
+
+
+def _assert_close(actual, expected, dtype, what):
+    """float64: 1e-9; float32: 1e-4 relative to the tensor's largest entry."""
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    tol = dict(rtol=1e-4, atol=1e-4 * scale) if dtype == torch.float32 else dict(
+        rtol=1e-9, atol=1e-11 * max(scale, 1.0))
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f'{what}: {m}')
+
+
+CASES = [
+    # channels, input shape (N, H, W), CE options
+    (64, (4, 8, 8), dict(group_size=64)),   # stem: one group of 64
+    (256, (2, 6, 5), dict()),               # d = 16, G = 16
+    (24, (3, 4, 4), dict()),                # 16 does not divide 24: d = 8
+    (32, (2, 8, 8), dict(pool_stats=True)),
+]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('channels,shape,options', CASES)
+def test_training_steps_and_eval_match_released(channels, shape, options, dtype):
+    ref, layer = _pair(channels, dtype, **options)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_layer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    n, h, w = shape
+    for step in range(3):
+        x = torch.randn(n, channels, h, w, generator=gen, dtype=torch.float64) * 2 + 0.5
+        x = x.to(dtype)
+        x_ref = x.clone().requires_grad_()
+        x_layer = x.clone().requires_grad_()
+        weight = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+        out_ref, out_layer = ref(x_ref), layer(x_layer)
+        _assert_close(out_layer, out_ref, dtype, f'step {step} output')
+        (out_ref * weight).sum().backward()
+        (out_layer * weight).sum().backward()
+        _assert_close(x_layer.grad, x_ref.grad, dtype, f'step {step} input grad')
+        ref_grads = released_to_plugin_keys(
+            {k: p.grad for k, p in ref.named_parameters()})
+        for name, param in layer.named_parameters():
+            _assert_close(param.grad, ref_grads[name], dtype, f'grad of {name}')
+        opt_ref.step(), opt_layer.step()
+        opt_ref.zero_grad(), opt_layer.zero_grad()
+    expected_state = released_to_plugin_keys(ref.state_dict())
+    for name, value in layer.state_dict().items():
+        if name == 'num_batches_tracked':
+            assert value.item() == 3
+            continue
+        _assert_close(value, expected_state[name], dtype, f'state {name}')
+    # the buffers did move away from their initial values
+    assert not torch.allclose(layer.ce.running_whitening,
+                              torch.eye(layer.ce.group_size, dtype=dtype))
+    ref.eval(), layer.eval()
+    x = torch.randn(n + 1, channels, h, w + 1, generator=gen, dtype=torch.float64).to(dtype)
+    _assert_close(layer(x), ref(x), dtype, 'eval output')
+
+
+def test_paper_whitening_centres_and_rescales():
+    """whitening='paper': BD(y) = Sigma^-1/2-ish (y - mu) with P_T / sqrt(tr)."""
+    torch.manual_seed(0)
+    layer = CE(16, group_size=8, whitening='paper', num_iters=3).double()
+    with torch.no_grad():
+        layer.ce.lambda_logit.fill_(30.0)  # lambda = 1: BD only
+    x = torch.randn(4, 16, 5, 5, dtype=torch.float64) * 3 + 1
+    out = layer(x)
+    # independent computation on the BN output
+    y = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    y = y.transpose(0, 1).reshape(2, 8, -1)
+    mu = y.mean(-1, keepdim=True)
+    sigma = (y - mu) @ (y - mu).transpose(1, 2) / y.size(-1) + 1e-5 * torch.eye(8)
+    trace = sigma.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    p = torch.eye(8, dtype=torch.float64).repeat(2, 1, 1)
+    for _ in range(3):
+        p = 1.5 * p - 0.5 * p @ p @ p @ (sigma / trace)
+    expected = (p / trace.sqrt()) @ (y - mu)
+    expected = expected.view(16, 4, 5, 5).transpose(0, 1)
+    # lambda = sigmoid(30): the AII share (1 - lambda) is below 1e-13
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_float64_training():
+    torch.manual_seed(0)
+    layer = CE(8, group_size=4, reduction=2).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.ce.lambda_logit.fill_(0.4)
+    x = (torch.randn(3, 8, 3, 3, dtype=torch.float64) + 0.3).requires_grad_()
+    params = [layer.weight, layer.bias, layer.ce.lambda_logit,
+              layer.ce.aii.gate[0].weight, layer.ce.aii.gate[3].weight]
+
+    def fn(inp, *_):
+        return layer(inp)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_eval_mode_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = CE(8, group_size=4, reduction=2).double()
+    layer(torch.randn(4, 8, 3, 3, dtype=torch.float64))  # move the running stats
+    layer.eval()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)

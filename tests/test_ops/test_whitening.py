@@ -1,0 +1,100 @@
+"""The pure functions: Newton-Schulz inverse square root, group sizes, moments."""
+import pytest
+import torch
+
+from cenet_mmdet.ops import (fold_channel_equilibrium, inverse_sqrt_newton,
+                             resolve_group_size, sample_moments)
+
+
+def _well_conditioned(groups, size, condition, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(groups, size, size, generator=gen,
+                                       dtype=torch.float64))
+    eig = torch.linspace(1.0, condition, size, dtype=torch.float64)
+    return q @ torch.diag_embed(eig.expand(groups, size)) @ q.transpose(1, 2)
+
+
+def _eig_inverse_sqrt(cov):
+    values, vectors = torch.linalg.eigh(cov)
+    return vectors @ torch.diag_embed(values.rsqrt()) @ vectors.transpose(1, 2)
+
+
+def test_rescaled_newton_converges_to_eigendecomposition():
+    cov = _well_conditioned(3, 16, condition=4.0)
+    expected = _eig_inverse_sqrt(cov)
+    errors = []
+    for iters in (1, 2, 3, 4, 5, 6, 8):
+        result = inverse_sqrt_newton(cov, iters, rescale=True)
+        errors.append((result - expected).norm() / expected.norm())
+    # strictly decreasing with T (until machine precision), then converged
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    final = inverse_sqrt_newton(cov, 20, rescale=True)
+    assert (final - expected).norm() / expected.norm() < 1e-12
+
+
+def test_released_newton_is_unrescaled():
+    cov = _well_conditioned(2, 8, condition=2.0, seed=1)
+    trace = cov.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    released = inverse_sqrt_newton(cov, 20)
+    # P_T -> (Sigma / tr Sigma)^(-1/2) = sqrt(tr) Sigma^(-1/2)
+    torch.testing.assert_close(released, _eig_inverse_sqrt(cov) * trace.sqrt(),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_newton_matches_explicit_iteration():
+    cov = _well_conditioned(2, 4, condition=3.0, seed=2)
+    normalized = cov / cov.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    p = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    for iters in range(5):
+        torch.testing.assert_close(inverse_sqrt_newton(cov, iters), p)
+        p = 1.5 * p - 0.5 * p @ p @ p @ normalized
+
+
+@pytest.mark.parametrize('channels,asked,expected', [
+    (64, 64, 64), (256, 16, 16), (24, 16, 8), (48, 16, 16), (12, 16, 4), (8, 16, 8),
+    (1, 16, 1)])
+def test_group_size_halving(channels, asked, expected):
+    assert resolve_group_size(channels, asked) == expected
+
+
+def test_group_size_errors_say_what_is_possible():
+    with pytest.raises(ValueError, match=r'group_size=16 cannot split 15 channels.*\[3, 5, 15\]'):
+        resolve_group_size(15, 16)
+    with pytest.raises(ValueError, match='positive int'):
+        resolve_group_size(16, 0)
+
+
+def test_sample_moments():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    sums, gram = sample_moments(x)
+    torch.testing.assert_close(sums, x.sum(-1))
+    torch.testing.assert_close(gram, torch.einsum('ngdl,ngel->ngde', x, x))
+    sums2, squares = sample_moments(x, with_gram=False)
+    torch.testing.assert_close(squares, (x * x).sum(-1))
+
+
+def test_fold_equals_unfolded_map():
+    gen = torch.Generator().manual_seed(0)
+    n, groups, size, positions = 3, 2, 4, 7
+    x = torch.randn(n, groups, size, positions, generator=gen, dtype=torch.float64)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    whitening = torch.randn(groups, size, size, generator=gen, dtype=torch.float64)
+    k = torch.rand(n, groups, size, generator=gen, dtype=torch.float64)
+    a = torch.rand(groups, size, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(groups, size, generator=gen, dtype=torch.float64)
+    mu = torch.randn(groups, size, generator=gen, dtype=torch.float64)
+    y = a[..., None] * x + b[..., None]
+    for center in (None, mu):
+        shift = 0 if center is None else center[..., None]
+        expected = lam * whitening @ (y - shift) + k[..., None] * y
+        matrix, bias = fold_channel_equilibrium(lam, whitening, k, a, b, center)
+        torch.testing.assert_close(matrix @ x + bias, expected)
+
+
+def test_moments_backward_matches_autograd():
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: sample_moments(t), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: sample_moments(t), (x,))
+    # only one of the outputs used
+    assert torch.autograd.gradcheck(lambda t: sample_moments(t)[1], (x,))
+    assert torch.autograd.gradcheck(lambda t: sample_moments(t)[0], (x,))
