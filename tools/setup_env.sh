@@ -60,12 +60,16 @@ hint "pip could not install torch==$TORCH_VERSION: the CPU wheel is expected in 
 if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   pip_install "torch==$TORCH_VERSION"
 fi
-pip_install "setuptools>=77,<82" wheel ninja numpy
+if ! "$PY" -c "import setuptools, wheel, ninja, numpy, sys; v = tuple(int(p) for p in setuptools.__version__.split('.')[:2]); sys.exit(not (77, 0) <= v < (82, 0))" 2>/dev/null; then
+  pip_install "setuptools>=77,<82" wheel ninja numpy
+fi
 "$PY" -c "import torch, setuptools, numpy; assert torch.__version__.startswith('$TORCH_VERSION'), torch.__version__"
 
 step "mmengine $MMENGINE_VERSION, pycocotools, pytest"
 hint "pip could not install mmengine/pycocotools/pytest from the package registry"
-pip_install "mmengine==$MMENGINE_VERSION" pycocotools pytest
+if ! "$PY" -c "import mmengine, pycocotools, pytest, sys; sys.exit(mmengine.__version__ != '$MMENGINE_VERSION')" 2>/dev/null; then
+  pip_install "mmengine==$MMENGINE_VERSION" pycocotools pytest
+fi
 "$PY" -c "import mmengine, pycocotools, pytest; assert mmengine.__version__ == '$MMENGINE_VERSION'"
 
 mmcv_ok() {
@@ -113,12 +117,16 @@ fi
 
 step "mmdet $MMDET_VERSION"
 hint "pip could not install mmdet==$MMDET_VERSION or its requirements"
-pip_install "mmdet==$MMDET_VERSION"
+if ! "$PY" -c "import mmdet, sys; sys.exit(mmdet.__version__ != '$MMDET_VERSION')" 2>/dev/null; then
+  pip_install "mmdet==$MMDET_VERSION"
+fi
 "$PY" -c "import mmdet; assert mmdet.__version__ == '$MMDET_VERSION'"
 
 step "cenet-mmdet (editable)"
 hint "'pip install -e .' failed: see the error above"
-pip_install --no-deps --no-build-isolation -e "$ROOT"
+if ! (cd / && "$PY" -c "import cenet_mmdet.version as v, os, sys; sys.exit(os.path.dirname(os.path.dirname(os.path.abspath(v.__file__))) != '$ROOT')") 2>/dev/null; then
+  pip_install --no-deps --no-build-isolation -e "$ROOT"
+fi
 "$PY" -c "import cenet_mmdet; print('  cenet_mmdet', cenet_mmdet.__version__, 'imported; torch', __import__('torch').__version__, '| mmcv', __import__('mmcv').__version__, '| mmdet', __import__('mmdet').__version__)"
 
 step "done in $(( $(date +%s) - T0 ))s; activate with: source $VENV/bin/activate"

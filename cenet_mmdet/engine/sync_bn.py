@@ -23,6 +23,9 @@ _mmengine_convert = mmengine.model.utils.convert_sync_batchnorm
 def convert_sync_batchnorm(module: nn.Module,
                            implementation: str = 'torch') -> nn.Module:
     """MMEngine's converter, except that CE layers become SyncCE."""
+    if implementation not in ('torch', 'mmcv'):
+        raise ValueError('sync_bn should be "torch" or "mmcv", but got '
+                         f'{implementation}')
     if isinstance(module, CE):
         return SyncCE.convert_sync_ce(module)
     if isinstance(module, _BatchNorm):

@@ -4,21 +4,35 @@ What is synchronized, and how it is weighted
 --------------------------------------------
 Every batch statistic of the layer is a sum over positions or instances, so
 each worker contributes its local sums and counts and the layer uses the global
-sums divided by the global counts. This is exactly what one process computes on
-the concatenated batch, also when workers hold different ``N`` or ``H*W``
-(detection pads each GPU's batch to its own size). Per-worker means are never
-averaged with equal weights.
+sums divided by the global counts:
+
+* BN mean and (biased) variance of the input, hence the running mean and the
+  unbiased running variance, from ``sum_x`` and the Gram diagonal over
+  ``N*H*W`` positions;
+* the CE group means and covariances (hence the whitening matrices) from the
+  same sums: the covariance of the BN output ``y = a x + b`` is
+  ``diag(a) Cov(x) diag(a)``;
+* the AII batch scale ``sqrt(mean_{n,c} Var_hw(y_nc))`` from the sum of the
+  per-instance variances over ``N`` instances.
+
+This is exactly what one process computes on the concatenated batch, also when
+workers hold different ``N`` or ``H*W`` (detection pads each GPU's batch to its
+own size). Per-worker means are never averaged with equal weights. The AII gate
+is per instance and needs no communication.
 
 One ``all_reduce`` (SUM) per layer and training forward carries, packed in one
-tensor (float32; float64 for float64 inputs)::
+tensor (float32, also under autocast; float64 for float64 inputs)::
 
     [ sum_x (C) | sum_x x x^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
 
-i.e. ``4 * (2*C + C*d + 2)`` bytes: 18,440 bytes for C=256, d=16; 16,904 bytes
-for the stem (C=64, d=64). The backward pass all-reduces the gradient of that
-tensor once (the sums are differentiable). Evaluation uses running statistics
-and communicates nothing. A worker with an empty batch still joins both
-collectives and contributes zeros.
+(moments of ``x - running_mean``, see :class:`SyncCE`), i.e. ``4 * (2*C + C*d + 2)`` bytes for float32: 18,440 bytes for C=256,
+d=16; 16,904 bytes for the stem (C=64, d=64); 73,736 bytes for C=1024, d=16.
+The backward pass all-reduces the gradient of that tensor once (the sums are
+differentiable), so a training step costs two collectives of that size per
+layer. Evaluation uses running statistics and communicates nothing. A worker
+with an empty batch (``N = 0``) still joins both collectives and contributes
+zeros; if every worker's batch is empty, the outputs are empty and the running
+statistics are left unchanged.
 """
 import copy
 from typing import Optional
@@ -55,21 +69,31 @@ class SyncCE(CE):
     Deliberately not a subclass of :class:`torch.nn.SyncBatchNorm`, which
     MMEngine's ``revert_sync_batchnorm`` would rebuild as a plain BN. Falls back
     to :class:`CE` when torch.distributed is not initialized, the world size is
-    1, or in eval mode.
+    1, or in eval mode (then an empty batch is an error, as for CE).
+
+    CE computes its training moments about ``running_mean`` (for accuracy when
+    ``|mean| >> std``), so the workers must hold the same ``running_mean``.
+    They do by construction: DDP broadcasts rank 0's buffers when it wraps the
+    model, and every worker then updates them from the same global sums.
 
     Args:
         num_features: ``C`` of an input ``(N, C, H, W)``.
         process_group: the group to synchronize over. Default: the world.
         **kwargs: the options of :class:`CE` (``pool_stats`` is not supported).
+
+    Shape:
+        input and output ``(N, C, H, W)`` with ``H * W > 1``; in distributed
+        training ``N``, ``H`` and ``W`` may differ between workers and ``N``
+        may be 0.
     """
 
     def __init__(self, num_features: int, *args,
                  process_group: Optional[dist.ProcessGroup] = None,
                  **kwargs) -> None:
-        if kwargs.get('pool_stats', False):
+        super().__init__(num_features, *args, **kwargs)
+        if self.pool_stats:
             raise ValueError('SyncCE does not support pool_stats=True (the pooled '
                              'covariance would need a second collective)')
-        super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
 
     def _distributed(self) -> bool:
@@ -81,9 +105,30 @@ class SyncCE(CE):
             super()._check_batch(x_grouped)
 
     def _reduce(self, packed: Tensor) -> Tensor:
+        # The global N*H*W, read (and removed) by _update_running of this forward.
+        self.__dict__.pop('_global_positions', None)
         if not self._distributed():
             return packed
-        return _AllReduceSum.apply(packed, self.process_group)
+        reduced = _AllReduceSum.apply(packed, self.process_group)
+        self._global_positions = reduced[-2].detach()
+        return reduced
+
+    def _update_running(self, *stats: Tensor) -> None:
+        positions = self.__dict__.pop('_global_positions', None)
+        if positions is None:
+            super()._update_running(*stats)
+            return
+        # If every worker's batch was empty there are no statistics: keep the
+        # old buffers, selected on the device (no host synchronization).
+        ce = self.ce
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked,
+                   ce.running_mean, ce.running_whitening, ce.aii.running_scale)
+        with torch.no_grad():
+            before = [buffer.clone() for buffer in buffers]
+            super()._update_running(*stats)
+            empty = positions == 0
+            for buffer, old in zip(buffers, before):
+                buffer.copy_(torch.where(empty, old, buffer))
 
     @classmethod
     def convert_sync_ce(cls, module: nn.Module,
