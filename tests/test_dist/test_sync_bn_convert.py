@@ -111,3 +111,11 @@ def test_convert_then_revert_round_trip_keeps_syncce():
         mmengine.model.convert_sync_batchnorm(model))
     assert type(model[0]) is not nn.SyncBatchNorm
     assert type(model[1]) is SyncCE  # falls back to CE outside distributed runs
+
+
+def test_unknown_sync_bn_implementation_is_refused():
+    import pytest
+    from mmengine.model import convert_sync_batchnorm
+    from cenet_mmdet.models.layers import CE
+    with pytest.raises(ValueError, match='sync_bn should be "torch" or "mmcv"'):
+        convert_sync_batchnorm(CE(16), 'foo')
