@@ -195,3 +195,13 @@ def test_autocast_does_not_lower_the_statistics():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(layer.ce.running_whitening, twin.ce.running_whitening,
                                rtol=0, atol=0)
+
+
+def test_output_is_not_a_view_so_checkpointed_blocks_can_relu_in_place():
+    import torch.utils.checkpoint as cp
+    layer = CE(32)
+    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    assert layer(x)._base is None
+    out = cp.checkpoint(layer, x, use_reentrant=True)
+    torch.relu_(out).sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -1,0 +1,4 @@
+"""Backbones, registered in MMDetection's ``MODELS`` (mmdet scope)."""
+from .ce_resnet import CEBottleneck, CEResNet
+
+__all__ = ['CEBottleneck', 'CEResNet']

@@ -243,9 +243,12 @@ class CE(nn.BatchNorm2d):
                 matrix, bias = self._train_maps(x_grouped, offset, h, w)
             else:
                 matrix, bias = self._eval_maps(x_grouped)
-            # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, G, d, L)
-            out = torch.matmul(matrix, x_grouped).add_(bias)
-        return out.view(n, c, h, w).to(x.dtype)
+            # (N, G, d, d) @ (N, G, d, L) -> (N, G, d, L) -> (N, C, H, W), plus
+            # the (N, C, 1, 1) bias out of place: the result is not a view
+            # (callers such as checkpointed blocks may modify it in place).
+            out = torch.matmul(matrix, x_grouped).view(n, c, h, w)
+            out = torch.add(out, bias.view(n, c, 1, 1))
+        return out.to(x.dtype)
 
     def _bn_affine(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
         """BN as ``y = a * x + b``: ``(C,)`` scale and shift."""

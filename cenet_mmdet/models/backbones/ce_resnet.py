@@ -1,0 +1,244 @@
+"""CE-ResNet: MMDetection's ResNet with Channel Equilibrium after chosen norms.
+
+The released CE-ResNet-50 ("ResNet50v1+CE") is a torchvision ResNet-50 (stride
+in the 3x3 conv, i.e. ``style='pytorch'``) with a CE block
+
+* after the stem BN (``conv1 -> bn1 -> CE -> relu -> maxpool``, one group of
+  64 channels), and
+* after ``bn3`` of every bottleneck of stages 1-3, before the residual add
+  (``conv3 -> bn3 -> CE -> (+ identity) -> relu``); never in the downsample
+  branch, none in stage 4.
+
+Here a :class:`~cenet_mmdet.models.layers.CE` layer is "BN + CE block" in one
+module (a ``nn.BatchNorm2d`` subclass), so CE placement means *replacing* the
+stem ``norm1`` and the ``norm3`` of the chosen blocks by a CE layer. The module
+names stay ``bn1``/``bn3`` (the CE block is the child ``ce``), hence
+torchvision-style checkpoints keep their names: released ``ce1.*`` becomes
+``bn1.ce.*`` and ``layerA.B.ce.*`` becomes ``layerA.B.bn3.ce.*`` (see
+``tools/model_converters/cenet2mmdet.py``).
+
+Everything else is MMDetection's ``ResNet``: the subclass only swaps the block
+class of the CE stages (:class:`CEBottleneck`, the ResNeXt pattern) and the
+stem norm, so ``num_stages``, ``out_indices``, ``frozen_stages``,
+``norm_cfg``, ``norm_eval``, ``dcn``, ``plugins``, ``with_cp``,
+``zero_init_residual`` and ``init_cfg`` behave as for ``type='ResNet'``.
+CE subclasses ``_BatchNorm``, so ``norm_eval=True`` and ``frozen_stages``
+reach CE layers (their BN statistics and CE buffers stop updating, their
+parameters including lambda and the AII gate stop receiving gradients).
+"""
+import copy
+from typing import Optional, Sequence, Tuple
+
+from mmcv.cnn import build_norm_layer
+from mmdet.models.backbones.resnet import Bottleneck, ResNet
+from mmdet.models.layers import ResLayer
+from mmdet.registry import MODELS
+from torch import nn
+
+from ..layers import CE
+
+#: CE stages used when ``stage_with_ce`` is not given, by depth (see CEResNet).
+DEFAULT_STAGE_WITH_CE = {
+    50: (True, True, True, False),
+    101: (True, True, False, False),
+}
+
+
+def _build_ce_layer(ce_cfg: dict, num_features: int,
+                    postfix: int) -> Tuple[str, CE]:
+    """``build_norm_layer`` for a CE config; refuses non-CE layer types."""
+    name, layer = build_norm_layer(ce_cfg, num_features, postfix=postfix)
+    if not isinstance(layer, CE):
+        raise TypeError(
+            f'ce_cfg must build a CE layer (type "CE", "SyncCE" or a '
+            f'subclass), but {ce_cfg!r} built {type(layer).__name__}')
+    return name, layer
+
+
+class CEBottleneck(Bottleneck):
+    """MMDetection's ``Bottleneck`` with a CE layer as ``norm3`` (``bn3``).
+
+    ``conv3 -> bn3 (BN + CE) -> plugins after conv3 -> (+ identity) -> relu``.
+    The downsample branch is built by ``ResLayer`` with the plain ``norm_cfg``.
+
+    Args:
+        inplanes, planes, **kwargs: as for ``Bottleneck``.
+        ce_cfg: config of the CE layer that replaces ``norm3``, e.g.
+            ``dict(type='CE')``; ``None`` gives a plain ``Bottleneck``.
+            Default: None.
+    """
+
+    def __init__(self,
+                 inplanes: int,
+                 planes: int,
+                 ce_cfg: Optional[dict] = None,
+                 **kwargs) -> None:
+        super().__init__(inplanes, planes, **kwargs)
+        self.ce_cfg = ce_cfg
+        if ce_cfg is not None:
+            name, layer = _build_ce_layer(ce_cfg, planes * self.expansion, 3)
+            delattr(self, self.norm3_name)  # 'bn3', or e.g. 'gn3' for GN
+            self.norm3_name = name
+            self.add_module(name, layer)
+
+    @property
+    def with_ce(self) -> bool:
+        return self.ce_cfg is not None
+
+    def init_weights(self) -> None:
+        """Block-level init that leaves the CE block (``bn3.ce``) untouched.
+
+        MMEngine applies an ``override=dict(name='norm3')`` init (ResNet's
+        ``zero_init_residual``) to *every* submodule of ``norm3``; on a CE
+        layer that would also set the AII gate's Linear and LayerNorm weights
+        to 0 and the gate would never train. The BN affine of ``bn3`` is
+        initialized as for a plain bottleneck (weight 0 under
+        ``zero_init_residual``); the CE block keeps its construction-time
+        values (lambda logit 0, default Linear init, identity whitening).
+        """
+        if not self.with_ce:
+            super().init_weights()
+            return
+        ce_block = self.norm3.ce
+        saved = {k: v.detach().clone() for k, v in ce_block.state_dict().items()}
+        super().init_weights()
+        ce_block.load_state_dict(saved)
+
+
+@MODELS.register_module()
+class CEResNet(ResNet):
+    """ResNet backbone with Channel Equilibrium (CE-ResNet).
+
+    A subclass of MMDetection's ``ResNet``: every ``ResNet`` argument works
+    unchanged (``depth``, ``num_stages``, ``strides``, ``dilations``,
+    ``out_indices``, ``style``, ``deep_stem``, ``avg_down``,
+    ``frozen_stages``, ``conv_cfg``, ``norm_cfg``, ``norm_eval``, ``dcn``,
+    ``stage_with_dcn``, ``plugins``, ``with_cp``, ``zero_init_residual``,
+    ``init_cfg``). Only bottleneck depths are supported: 50 and 101.
+
+    CE placement (as released): the CE layer *replaces* the stem ``norm1``
+    (``bn1``, one whitening group of ``stem_group_size`` channels) and
+    ``norm3`` (``bn3``) of every block of the stages flagged in
+    ``stage_with_ce``; it is never put in a downsample branch. With
+    ``deep_stem=True`` the last norm of the stem (``stem.7``) is replaced.
+
+    Default stages (used when ``stage_with_ce`` is None):
+
+    * depth 50: ``(True, True, True, False)``, the released CE-ResNet-50
+      (stem + 3 + 4 + 6 = 14 CE layers).
+    * depth 101: ``(True, True, False, False)``. The paper says that CE is used
+      in "the first seven residual blocks" of ResNet-101 and no code was
+      released; we read it as the stem plus all blocks of layer1 (3) and
+      layer2 (4) = the first seven residual blocks, i.e. 1 + 3 + 4 = 8 CE
+      layers. Pass ``stage_with_ce`` to choose otherwise.
+
+    Args:
+        depth: 50 or 101.
+        ce_cfg: config of the CE layers, built with
+            ``mmcv.cnn.build_norm_layer`` (so the layers are named ``bn1`` /
+            ``bn3``). ``dict(type='SyncCE')`` gives the synchronized
+            backbone; other keys go to the layer (``group_size``,
+            ``momentum``, ``frozen_gate``, ...). ``requires_grad`` is taken
+            from ``norm_cfg`` unless ``ce_cfg`` sets it. ``None`` disables CE
+            (a plain ResNet). Default: ``dict(type='CE')`` (group size 16 in
+            the blocks).
+        stage_with_ce: one flag per stage (length ``num_stages``): whether the
+            blocks of that stage get CE. Default: None (by depth, see above).
+        stem_ce: put CE after the stem norm. Default: True.
+        stem_group_size: whitening group size of the stem CE (overrides
+            ``ce_cfg['group_size']`` for the stem). Default: 64 (one group).
+        **kwargs: the arguments of ``mmdet.models.backbones.ResNet``.
+
+    Shape:
+        input ``(N, in_channels, H, W)``; output: a tuple with, for each index
+        ``i`` in ``out_indices``, ``(N, 256 * 2**i, H / 2**(i + 2),
+        W / 2**(i + 2))`` (default strides). CE needs at least 2 spatial
+        positions at every CE stage in training and eval.
+
+    Example:
+        >>> backbone = dict(type='CEResNet', depth=50, out_indices=(0, 1, 2, 3),
+        ...                 frozen_stages=1, norm_eval=True,
+        ...                 init_cfg=dict(type='Pretrained',
+        ...                               checkpoint='ce_resnet50_mmdet.pth'))
+    """
+
+    arch_settings = {
+        50: ResNet.arch_settings[50],
+        101: ResNet.arch_settings[101],
+    }
+
+    def __init__(self,
+                 depth: int,
+                 ce_cfg: Optional[dict] = dict(type='CE'),
+                 stage_with_ce: Optional[Sequence[bool]] = None,
+                 stem_ce: bool = True,
+                 stem_group_size: int = 64,
+                 num_stages: int = 4,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 **kwargs) -> None:
+        if depth not in self.arch_settings:
+            raise ValueError(
+                f'invalid depth {depth!r} for CEResNet: supported depths are '
+                f'{sorted(self.arch_settings)}')
+        if not isinstance(num_stages, int) or not 1 <= num_stages <= 4:
+            raise ValueError(f'num_stages must be in 1..4, got {num_stages!r}')
+        if stage_with_ce is None:
+            stage_with_ce = DEFAULT_STAGE_WITH_CE[depth][:num_stages]
+        elif (isinstance(stage_with_ce, (str, bytes))
+              or not isinstance(stage_with_ce, Sequence)
+              or len(stage_with_ce) != num_stages):
+            raise ValueError(
+                f'stage_with_ce must be a sequence of {num_stages} flags (one '
+                f'per stage, num_stages={num_stages}), got {stage_with_ce!r}')
+        if ce_cfg is not None:
+            if not isinstance(ce_cfg, dict) or 'type' not in ce_cfg:
+                raise TypeError(
+                    f'ce_cfg must be a dict with a "type" key (e.g. '
+                    f'dict(type="CE")) or None, got {ce_cfg!r}')
+            ce_cfg = copy.deepcopy(dict(ce_cfg))
+            ce_cfg.setdefault('requires_grad',
+                              norm_cfg.get('requires_grad', True))
+        # Read by _make_stem_layer and make_res_layer, which ResNet.__init__
+        # calls (the ResNeXt pattern: set before super().__init__()).
+        self.ce_cfg = ce_cfg
+        self.stage_with_ce = tuple(bool(flag) for flag in stage_with_ce)
+        self.stem_ce = bool(stem_ce)
+        self.stem_group_size = stem_group_size
+        self._num_res_layers_made = 0
+        super().__init__(depth, num_stages=num_stages, norm_cfg=norm_cfg,
+                         **kwargs)
+
+    @property
+    def num_ce_layers(self) -> int:
+        """How many CE layers the backbone holds."""
+        return sum(isinstance(m, CE) for m in self.modules())
+
+    def train(self, mode: bool = True) -> 'CEResNet':
+        """``ResNet.train`` (norm_eval, frozen stages: CE layers included),
+        returning ``self`` as ``nn.Module.train`` does (``ResNet.train``
+        returns None, which breaks ``model = CEResNet(...).eval()``)."""
+        super().train(mode)
+        return self
+
+    def _make_stem_layer(self, in_channels: int, stem_channels: int) -> None:
+        super()._make_stem_layer(in_channels, stem_channels)
+        if self.ce_cfg is None or not self.stem_ce:
+            return
+        stem_cfg = dict(self.ce_cfg, group_size=self.stem_group_size)
+        name, layer = _build_ce_layer(stem_cfg, stem_channels, 1)
+        if self.deep_stem:
+            self.stem[7] = layer  # conv, norm, relu x 3: the last norm
+        else:
+            delattr(self, self.norm1_name)
+            self.norm1_name = name
+            self.add_module(name, layer)
+
+    def make_res_layer(self, **kwargs) -> ResLayer:
+        """Build stage ``i`` (called in order by ``ResNet.__init__``), with
+        :class:`CEBottleneck` blocks when ``stage_with_ce[i]``."""
+        stage = self._num_res_layers_made
+        self._num_res_layers_made += 1
+        if self.ce_cfg is not None and self.stage_with_ce[stage]:
+            kwargs['block'] = CEBottleneck
+            kwargs['ce_cfg'] = self.ce_cfg
+        return ResLayer(**kwargs)
