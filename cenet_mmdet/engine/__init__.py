@@ -1,3 +1,9 @@
 from .sync_bn import convert_sync_batchnorm, patch_mmengine_sync_bn
 
 __all__ = ['convert_sync_batchnorm', 'patch_mmengine_sync_bn']
+
+from .cpu_dist import (CPUDistributedDataParallel, CPUSyncBatchNorm,  # noqa: E402
+                       init_cpu_dist, setup_cpu_distributed)
+
+__all__ += ['CPUDistributedDataParallel', 'CPUSyncBatchNorm', 'init_cpu_dist',
+            'setup_cpu_distributed']

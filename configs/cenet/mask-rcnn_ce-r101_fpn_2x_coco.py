@@ -1,0 +1,19 @@
+# Mask R-CNN, CE-ResNet-101-FPN, 2x schedule, COCO: the paper's "CE" setting
+# (see mask-rcnn_ce-r50_fpn_2x_coco.py). CEResNet-101 places CE in stages 1-2
+# by default (stage_with_ce=(True, True, False, False)).
+#
+# No ImageNet CE-ResNet-101 was released: train one in the released layout and
+# convert it with
+#   python tools/model_converters/cenet2mmdet.py <your_ce_r101.pth> \
+#       checkpoints/cenet_r101_imagenet_mmdet.pth
+custom_imports = dict(imports=['cenet_mmdet'], allow_failed_imports=False)
+_base_ = 'mmdet::mask_rcnn/mask-rcnn_r101_fpn_2x_coco.py'
+
+model = dict(
+    backbone=dict(
+        type='CEResNet',
+        norm_cfg=dict(type='BN', requires_grad=False),
+        ce_cfg=dict(type='CE'),
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/cenet_r101_imagenet_mmdet.pth')))

@@ -1,0 +1,186 @@
+# Copyright (c) OpenMMLab. All rights reserved.
+# MMDetection 3.3's tools/train.py, plus: the cenet_mmdet plugin is imported
+# from this repository (no PYTHONPATH needed), a missing converted backbone
+# checkpoint stops the run with the conversion command, and launchers work on
+# CPU-only machines (gloo; see cenet_mmdet/engine/cpu_dist.py).
+import argparse
+import os
+import os.path as osp
+import sys
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
+from cenet_mmdet.engine import setup_cpu_distributed  # noqa: E402
+from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmdet.utils import setup_cache_size_limit_of_dynamo  # noqa: E402
+
+CONVERTER = 'tools/model_converters/cenet2mmdet.py'
+#: checkpoint prefixes that MMEngine downloads or resolves itself
+_REMOTE_PREFIXES = ('http://', 'https://', 'torchvision://', 'open-mmlab://',
+                    'openmmlab://', 'mmcls://', 'pavi://', 's3://', 'modelzoo://')
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Train a detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        default=False,
+        help='enable automatic-mixed-precision training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='enable automatically scaling LR.')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='If specify checkpoint path, resume from it, while if not '
+        'specify, try to auto resume from the latest checkpoint '
+        'in the work directory.')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override some settings in the used config, the key-value pair '
+        'in xxx=yyy format will be merged into config file. If the value to '
+        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
+        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
+        'Note that the quotation marks are necessary and that no white space '
+        'is allowed.')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    # When using PyTorch version >= 2.0.0, the `torch.distributed.launch`
+    # will pass the `--local-rank` parameter to `tools/train.py` instead
+    # of `--local_rank`.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+
+    return args
+
+
+def _pretrained_checkpoints(cfg_node, prefix='cfg'):
+    """Yield ``(key, checkpoint)`` of every ``init_cfg`` of type 'Pretrained'
+    in a (nested) config."""
+    if isinstance(cfg_node, (dict, ConfigDict)):
+        for key, value in cfg_node.items():
+            if key == 'init_cfg':
+                init_cfgs = value if isinstance(value, list) else [value]
+                for init_cfg in init_cfgs:
+                    if (isinstance(init_cfg, (dict, ConfigDict))
+                            and init_cfg.get('type') == 'Pretrained'
+                            and init_cfg.get('checkpoint')):
+                        yield f'{prefix}.{key}', init_cfg['checkpoint']
+            else:
+                yield from _pretrained_checkpoints(value, f'{prefix}.{key}')
+    elif isinstance(cfg_node, (list, tuple)):
+        for index, value in enumerate(cfg_node):
+            yield from _pretrained_checkpoints(value, f'{prefix}[{index}]')
+
+
+def check_pretrained_checkpoints(cfg) -> None:
+    """Fail early, with the conversion command, if a local 'Pretrained'
+    checkpoint of the model (e.g. the converted ImageNet CE-ResNet) is missing.
+    """
+    for key, checkpoint in _pretrained_checkpoints(cfg.get('model', {}),
+                                                   'model'):
+        if checkpoint.startswith(_REMOTE_PREFIXES) or osp.isfile(checkpoint):
+            continue
+        backbone = cfg.model.get('backbone', {})
+        message = (
+            f'The pretrained checkpoint {checkpoint!r} ({key}) does not '
+            f'exist (relative paths are resolved from {os.getcwd()}). Convert '
+            'the ImageNet CE-ResNet checkpoint released by the authors to '
+            f'MMDetection names with:\n  python {CONVERTER} <released.pth> '
+            f'{checkpoint}')
+        if backbone.get('type') == 'CEResNet' and backbone.get('depth') != 50:
+            message += (
+                f'\nOnly a CE-ResNet-50 was released; for depth '
+                f'{backbone.get("depth")} use your own ImageNet CE-ResNet '
+                'checkpoint in the released layout as <released.pth>.')
+        message += ('\nTo train from scratch instead, pass --cfg-options '
+                    'model.backbone.init_cfg=None')
+        raise FileNotFoundError(message)
+
+
+def main():
+    args = parse_args()
+
+    # Reduce the number of repeated compilations and improve
+    # training speed.
+    setup_cache_size_limit_of_dynamo()
+
+    # load config
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+
+    # work_dir is determined in this priority: CLI > segment in file > filename
+    if args.work_dir is not None:
+        # update configs according to CLI args if args.work_dir is not None
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        # use config filename as default work_dir if cfg.work_dir is None
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+
+    # enable automatic-mixed-precision training
+    if args.amp is True:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    # enable automatically scaling LR
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' in cfg and \
+                'enable' in cfg.auto_scale_lr and \
+                'base_batch_size' in cfg.auto_scale_lr:
+            cfg.auto_scale_lr.enable = True
+        else:
+            raise RuntimeError('Can not find "auto_scale_lr" or '
+                               '"auto_scale_lr.enable" or '
+                               '"auto_scale_lr.base_batch_size" in your'
+                               ' configuration file.')
+
+    # resume is determined in this priority: resume from > auto_resume
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    check_pretrained_checkpoints(cfg)
+    # CPU-only machine with a launcher: gloo process group and a CPU DDP
+    # wrapper (no-op when CUDA is available or --launcher none)
+    setup_cpu_distributed(cfg, args.launcher)
+
+    # build the runner from config
+    if 'runner_type' not in cfg:
+        # build the default runner
+        runner = Runner.from_cfg(cfg)
+    else:
+        # build customized runner from the registry
+        # if 'runner_type' is set in the cfg
+        runner = RUNNERS.build(cfg)
+
+    # start training
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
