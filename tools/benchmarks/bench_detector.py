@@ -15,7 +15,7 @@ BN row of the same setting:
 import argparse
 
 import torch
-from mmengine.config import Config
+from mmengine.hub import get_config
 
 from common import machine_line, markdown_table, time_fn
 
@@ -40,7 +40,7 @@ KINDS = {
 
 
 def build(kind: str, device: str):
-    cfg = Config.fromfile(BASE)
+    cfg = get_config(BASE)
     cfg.model.backbone.init_cfg = None
     cfg.model.backbone.update(KINDS[kind][1])
     return MODELS.build(cfg.model).to(device)
