@@ -294,7 +294,9 @@ class CE(nn.BatchNorm2d):
         packed = self._reduce(packed)
         total_sum, total_gram, total_var, counts = torch.split(
             packed, [channels, channels * size, channels, 2])
-        # Clamped so that an all-empty synchronized batch cannot divide by 0.
+        # An all-empty synchronized batch has no statistics: the counts are
+        # clamped (no division by 0) and the running buffers are not updated.
+        has_data = counts[0] > 0
         count, num_instances = counts[0].clamp_min(2), counts[1].clamp_min(1)
 
         # BN statistics of the shifted input x_s = x - r (r = offset).
@@ -323,7 +325,8 @@ class CE(nn.BatchNorm2d):
         # AII: per-instance variance of y is a^2 Var(x); batch scale from all N, C.
         mean_var = (total_var * bn_scale.square()).sum() / (num_instances * channels)
         aii_scale = mean_var.clamp_min(ce.eps).sqrt()
-        self._update_running(mean, var, count, mean_y, whitening, aii_scale)
+        self._update_running(mean, var, count, has_data, mean_y, whitening,
+                             aii_scale)
         return self._maps(whitening, aii_scale, instance_var * bn_scale.square(),
                           scale_g, shift_g, mean_y)
 
@@ -342,21 +345,23 @@ class CE(nn.BatchNorm2d):
         return cov, mean_y
 
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor,
-                        mean_y: Tensor, whitening: Tensor,
+                        has_data: Tensor, mean_y: Tensor, whitening: Tensor,
                         aii_scale: Tensor) -> None:
-        momentum = self.momentum
+        """Momentum update of every running buffer; none when ``has_data`` is
+        False (decided on the device: no host synchronization)."""
+        weight = self.momentum * has_data.to(mean.dtype)
+        ce = self.ce
+        updates = (
+            (self.running_mean, mean),
+            (self.running_var, var * (count / (count - 1))),  # unbiased
+            (ce.running_mean, mean_y.unsqueeze(-1)),
+            (ce.running_whitening, whitening),
+            (ce.aii.running_scale, aii_scale.reshape(1)),
+        )
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            unbiased = var * (count / (count - 1))
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-            ce = self.ce
-            ce.running_mean.lerp_(
-                mean_y.unsqueeze(-1).to(ce.running_mean.dtype), momentum)
-            ce.running_whitening.lerp_(
-                whitening.to(ce.running_whitening.dtype), momentum)
-            ce.aii.running_scale.lerp_(
-                aii_scale.reshape(1).to(ce.aii.running_scale.dtype), momentum)
+            self.num_batches_tracked.add_(has_data.to(self.num_batches_tracked.dtype))
+            for buffer, value in updates:
+                buffer.lerp_(value.to(buffer.dtype), weight.to(buffer.dtype))
 
     def _eval_maps(self, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
         ce = self.ce

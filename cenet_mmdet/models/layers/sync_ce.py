@@ -105,30 +105,9 @@ class SyncCE(CE):
             super()._check_batch(x_grouped)
 
     def _reduce(self, packed: Tensor) -> Tensor:
-        # The global N*H*W, read (and removed) by _update_running of this forward.
-        self.__dict__.pop('_global_positions', None)
         if not self._distributed():
             return packed
-        reduced = _AllReduceSum.apply(packed, self.process_group)
-        self._global_positions = reduced[-2].detach()
-        return reduced
-
-    def _update_running(self, *stats: Tensor) -> None:
-        positions = self.__dict__.pop('_global_positions', None)
-        if positions is None:
-            super()._update_running(*stats)
-            return
-        # If every worker's batch was empty there are no statistics: keep the
-        # old buffers, selected on the device (no host synchronization).
-        ce = self.ce
-        buffers = (self.running_mean, self.running_var, self.num_batches_tracked,
-                   ce.running_mean, ce.running_whitening, ce.aii.running_scale)
-        with torch.no_grad():
-            before = [buffer.clone() for buffer in buffers]
-            super()._update_running(*stats)
-            empty = positions == 0
-            for buffer, old in zip(buffers, before):
-                buffer.copy_(torch.where(empty, old, buffer))
+        return _AllReduceSum.apply(packed, self.process_group)
 
     @classmethod
     def convert_sync_ce(cls, module: nn.Module,
