@@ -262,6 +262,11 @@ def test_bench_configs_differ_only_in_backbone(name):
     assert backbone.frozen_stages == -1 and backbone.norm_eval is False
     assert backbone.norm_cfg == dict(type='BN', requires_grad=True)
     assert backbone.init_cfg is None
+    # MMDetection's default; without it the first from-scratch gradients are
+    # ~50x larger and clipping stalls the RoI head (see the config)
+    assert backbone.zero_init_residual is True
+    assert cfg.model.train_cfg.rcnn.sampler.num == 64
+    assert cfg.train_cfg.val_interval * 2 == cfg.train_cfg.max_iters
     assert cfg.model.roi_head.bbox_head.num_classes == 6
     assert cfg.train_dataloader.batch_size == 4
     model = build_model(cfg)

@@ -15,5 +15,5 @@ model = dict(
         norm_cfg=dict(type='BN', requires_grad=True),
         norm_eval=False,
         style='pytorch',
-        zero_init_residual=False,
+        zero_init_residual=True,
         init_cfg=None))
