@@ -8,8 +8,9 @@ check_environment()
 allow_mmengine_checkpoints()
 
 from . import models  # noqa: E402,F401  (registration)
-from .engine import patch_mmengine_sync_bn  # noqa: E402
+from .engine import patch_mmengine_sync_bn, patch_torch_sync_bn  # noqa: E402
 
 patch_mmengine_sync_bn()
+patch_torch_sync_bn()
 
 __all__ = ['__version__']

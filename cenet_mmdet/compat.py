@@ -94,12 +94,55 @@ def _filter_statistics_methods(setstate):
     return __setstate__
 
 
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file on disk is truncated or corrupted."""
+
+
+def damaged_checkpoint_reason(filename: str):
+    """Why the local file ``filename`` is not a sound checkpoint, or ``None``.
+
+    A torch checkpoint is a zip archive: it is sound when every member is
+    present and passes its CRC check (``torch.load`` checks neither, and loads
+    a flipped byte silently). A file in PyTorch's legacy format (a pickle) and
+    anything that is not a local file are not checked (``None``).
+    """
+    import os
+    import zipfile
+
+    if not isinstance(filename, str) or not os.path.isfile(filename):
+        return None
+    if not zipfile.is_zipfile(filename):
+        with open(filename, 'rb') as f:
+            if f.read(1) == b'\x80':  # pickle protocol 2+: legacy format
+                return None
+        return ('it is not a complete zip archive (torch checkpoints are zip '
+                'archives): truncated, corrupted, or not a checkpoint')
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f'its zip archive is damaged ({err})'
+    if bad_member is not None:
+        return f'its member {bad_member!r} fails its CRC check'
+    return None
+
+
 def _load_with_getattr(load_checkpoint):
     """Wrap ``CheckpointLoader.load_checkpoint``: allow ``getattr`` (used by the
-    pickled ``HistoryBuffer`` methods) only while MMEngine loads a checkpoint."""
+    pickled ``HistoryBuffer`` methods) only while MMEngine loads a checkpoint,
+    and refuse a local file that is truncated or corrupted (resume,
+    ``load_from``, ``Pretrained``, ``tools/test.py``) with a message naming it,
+    instead of an unpickling traceback or silently wrong weights."""
     import torch
 
     def wrapped(cls, filename, map_location=None, logger='current'):
+        reason = damaged_checkpoint_reason(filename)
+        if reason is not None:
+            raise CheckpointFileError(
+                f'cannot load checkpoint {filename}: {reason} (a run killed '
+                f'while saving leaves such a file). Resume from an earlier '
+                f'checkpoint (--resume <work_dir>/iter_N.pth or epoch_N.pth) '
+                f'or delete this one.')
         with torch.serialization.safe_globals([getattr]):
             return load_checkpoint(cls, filename, map_location, logger)
 

@@ -140,8 +140,13 @@ def _abbreviate(keys: Sequence[str], limit: int = 8) -> str:
 def load_source(path: str, unsafe_load: bool = False) -> object:
     """``torch.load`` the source on CPU, with ``weights_only=True`` unless
     ``unsafe_load`` (only for files you trust)."""
+    from .compat import damaged_checkpoint_reason
     if not osp.isfile(path):
         raise ConversionError(f'source checkpoint not found: {path}')
+    # checked first: a flipped byte in a stored tensor would load silently
+    damage = damaged_checkpoint_reason(path)
+    if damage is not None:
+        raise ConversionError(f'cannot read {path}: {damage}')
     try:
         return torch.load(path, map_location='cpu', weights_only=not unsafe_load)
     except pickle.UnpicklingError as error:
@@ -150,9 +155,10 @@ def load_source(path: str, unsafe_load: bool = False) -> object:
         raise ConversionError(
             f'cannot read {path} with torch.load(weights_only=True): {error}\n'
             f'If you trust this file, re-run with --unsafe-load.') from error
-    except (RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # torch raises many types for a bad file
         raise ConversionError(
-            f'cannot read {path} as a PyTorch checkpoint: {error}') from error
+            f'cannot read {path} as a PyTorch checkpoint: '
+            f'{type(error).__name__}: {error}') from error
 
 
 def split_checkpoint(
@@ -176,6 +182,11 @@ def split_checkpoint(
     if not isinstance(state, Mapping) or not state:
         raise ConversionError('the checkpoint holds no state dict (empty or not '
                               'a dict)')
+    not_names = [k for k in state if not isinstance(k, str)]
+    if not_names:
+        raise ConversionError(
+            f'not a state dict: {len(not_names)} keys are not parameter names '
+            f'(strings): {_abbreviate([repr(k) for k in not_names])}')
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors:
         raise ConversionError(

@@ -123,5 +123,14 @@ def test_unsupported_version_gives_a_clear_message(monkeypatch):
 
 
 def test_version_is_single_sourced():
-    from cenet_mmdet.version import __version__
-    assert cenet_mmdet.__version__ == __version__
+    """The package, setup.py and the installed metadata agree on one version."""
+    import importlib.metadata
+    import re
+    import runpy
+    from pathlib import Path
+    version_file = Path(cenet_mmdet.__file__).with_name('version.py')
+    assert re.fullmatch(r'\d+\.\d+\.\d+', cenet_mmdet.__version__)
+    assert runpy.run_path(str(version_file))['__version__'] == cenet_mmdet.__version__
+    assert importlib.metadata.version('cenet-mmdet') == cenet_mmdet.__version__
+    setup_text = (version_file.parent.parent / 'setup.py').read_text()
+    assert 'version=read_version()' in setup_text

@@ -4,7 +4,8 @@
 # Creates a virtual environment (default: <repo>/.venv) and installs, in order:
 #   torch 2.13.0 (CPU wheel), build tools (setuptools>=77,<82, wheel, ninja),
 #   mmengine 0.10.7, mmcv 2.1.0 compiled from source WITH its ops,
-#   mmdet 3.3.0, pycocotools, pytest, and this package in editable mode.
+#   mmdet 3.3.0, pycocotools, pytest, onnx/onnxruntime/onnxscript (export
+#   tests), and this package in editable mode.
 #
 # The mmcv build takes about 25 minutes on 2 cores; the built wheel is cached in
 # $CENET_CACHE_DIR (default: ~/.cache/cenet-mmdet) and reused when torch, python
@@ -21,6 +22,9 @@ TORCH_VERSION=2.13.0
 MMENGINE_VERSION=0.10.7
 MMCV_VERSION=2.1.0
 MMDET_VERSION=3.3.0
+ONNX_VERSION=1.23.2
+ONNXRUNTIME_VERSION=1.31.1
+ONNXSCRIPT_VERSION=0.7.2
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 STEP="start"
@@ -121,6 +125,13 @@ if ! "$PY" -c "import mmdet, sys; sys.exit(mmdet.__version__ != '$MMDET_VERSION'
   pip_install "mmdet==$MMDET_VERSION"
 fi
 "$PY" -c "import mmdet; assert mmdet.__version__ == '$MMDET_VERSION'"
+
+step "onnx $ONNX_VERSION, onnxruntime $ONNXRUNTIME_VERSION, onnxscript $ONNXSCRIPT_VERSION (ONNX export tests)"
+hint "pip could not install onnx/onnxruntime/onnxscript from the package registry"
+if ! "$PY" -c "import onnx, onnxruntime, onnxscript, sys; sys.exit((onnx.__version__, onnxruntime.__version__, onnxscript.__version__) != ('$ONNX_VERSION', '$ONNXRUNTIME_VERSION', '$ONNXSCRIPT_VERSION'))" 2>/dev/null; then
+  pip_install "onnx==$ONNX_VERSION" "onnxruntime==$ONNXRUNTIME_VERSION" "onnxscript==$ONNXSCRIPT_VERSION"
+fi
+"$PY" -c "import onnx, onnxruntime, onnxscript"
 
 step "cenet-mmdet (editable)"
 hint "'pip install -e .' failed: see the error above"

@@ -8,6 +8,12 @@ before, converts CE layers to :class:`~cenet_mmdet.models.layers.SyncCE`
 (same tensors), and leaves SyncCE layers as they are.
 ``revert_sync_batchnorm`` needs no change: CE and SyncCE are not
 ``SyncBatchNorm`` subclasses, so it leaves them intact.
+
+PyTorch's own ``nn.SyncBatchNorm.convert_sync_batchnorm`` (called by plain
+training scripts, Lightning's ``sync_batchnorm=True`` and many codebases) has
+the same flaw: it rebuilds a CE layer as a ``SyncBatchNorm``, re-attaches the
+``ce`` child that nothing calls any more, and the state dict still loads.
+:func:`patch_torch_sync_bn` makes it convert CE layers to SyncCE as well.
 """
 import mmengine.model
 import mmengine.model.utils
@@ -35,6 +41,27 @@ def convert_sync_batchnorm(module: nn.Module,
         if new_child is not child:
             module.add_module(name, new_child)
     return module
+
+
+def _torch_convert_sync_batchnorm(cls, module: nn.Module,
+                                  process_group=None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm``, except that CE layers
+    become SyncCE (same tensors) instead of a SyncBN that drops the CE block."""
+    if isinstance(module, CE):
+        return SyncCE.convert_sync_ce(module, process_group)
+    # torch's body recurses through ``cls.convert_sync_batchnorm``: this one
+    return _torch_convert(cls, module, process_group)
+
+
+_torch_convert = nn.SyncBatchNorm.convert_sync_batchnorm.__func__
+_torch_convert = getattr(_torch_convert, '_cenet_original', _torch_convert)
+_torch_convert_sync_batchnorm._cenet_original = _torch_convert
+
+
+def patch_torch_sync_bn() -> None:
+    """Install the CE-aware converter as ``nn.SyncBatchNorm``'s classmethod."""
+    nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(
+        _torch_convert_sync_batchnorm)
 
 
 def patch_mmengine_sync_bn() -> None:

@@ -123,6 +123,36 @@ def inverse_sqrt_newton(covariance: Tensor,
     return whitening
 
 
+def shifted_moments(sums: Tensor, gram: Tensor, offset: Tensor,
+                    positions: int) -> Tuple[Tensor, Tensor]:
+    """Move per-sample moments to a common shift, exactly.
+
+    With moments of :math:`x - s_n` (one shift per sample) and
+    :math:`\\delta_n = s_n - t`, the moments of :math:`x - t` are
+
+    .. math::
+        \\sum_l (x_l - t) = S_n + L \\delta_n,\\quad
+        \\sum_l (x_l - t)(x_l - t)^T = G_n + S_n \\delta_n^T
+            + \\delta_n S_n^T + L \\delta_n \\delta_n^T
+
+    Both shifts are close to the data, so no term is large unless the data
+    really spread that far (then the statistics are large as well).
+
+    Args:
+        sums: ``(N, G, d)``, :math:`S_n`.
+        gram: ``(N, G, d, d)``, :math:`G_n`.
+        offset: ``(N, G, d)``, :math:`\\delta_n` (no gradient needed).
+        positions: ``L``.
+
+    Returns:
+        ``sums`` ``(N, G, d)`` and ``gram`` ``(N, G, d, d)`` about ``t``.
+    """
+    cross = sums.unsqueeze(-1) * offset.unsqueeze(-2)  # (N, G, d, d): S_n delta_n^T
+    outer = offset.unsqueeze(-1) * offset.unsqueeze(-2)  # (N, G, d, d)
+    gram = gram + cross + cross.transpose(-1, -2) + positions * outer
+    return sums + positions * offset, gram
+
+
 def fold_channel_equilibrium(
         lam: Tensor,
         whitening: Tensor,
@@ -132,34 +162,39 @@ def fold_channel_equilibrium(
         center: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fold BN affine, BD and AII into one per-sample affine map.
 
-    With :math:`y = a \\odot x + b` (the BN output) the CE output is
+    With :math:`y_n = a \\odot x_n + b_n` (the BN output, for an input that
+    may carry a per-sample shift) the CE output is
 
     .. math::
         p_n = \\lambda W (y_n - \\mu) + \\mathrm{diag}(k_n) y_n
             = M_n x_n + c_n,\\quad
         M_n = (\\lambda W + \\mathrm{diag}(k_n))\\,\\mathrm{diag}(a),\\quad
-        c_n = (\\lambda W + \\mathrm{diag}(k_n))\\, b - \\lambda W \\mu
+        c_n = \\lambda W (b_n - \\mu) + k_n \\odot b_n
 
     where :math:`k_n = (1-\\lambda)\\, g_n / s` is the AII diagonal and
     :math:`\\mu = 0` for the released function (BD on the uncentred input).
+    The diagonal is built by broadcasting against an identity (no
+    ``diag_embed``, which the TorchScript ONNX exporter lacks).
 
     Args:
         lam: scalar tensor, :math:`\\lambda`.
         whitening: ``(G, d, d)``, :math:`W`.
         instance_scale: ``(N, G, d)``, :math:`k_n`.
         bn_scale: ``(G, d)``, :math:`a`.
-        bn_shift: ``(G, d)``, :math:`b`.
+        bn_shift: ``(N, G, d)`` or ``(G, d)``, :math:`b_n`.
         center: ``(G, d)`` or ``None``, :math:`\\mu`.
 
     Returns:
         ``matrix`` ``(N, G, d, d)`` and ``bias`` ``(N, G, d, 1)``.
     """
     scaled_whitening = lam * whitening  # (G, d, d)
-    # (N, G, d, d) = (1, G, d, d) + diag_embed((N, G, d))
-    mixing = scaled_whitening.unsqueeze(0) + torch.diag_embed(instance_scale)
+    eye = torch.eye(whitening.size(-1), dtype=whitening.dtype,
+                    device=whitening.device)
+    # (1, G, d, d) + (N, G, d, 1) * (d, d) -> (N, G, d, d)
+    mixing = scaled_whitening.unsqueeze(0) + instance_scale.unsqueeze(-1) * eye
     matrix = mixing * bn_scale[None, :, None, :]  # scale the columns by a
-    shift = bn_shift if center is None else bn_shift - center
-    # (G, d, d) @ (G, d, 1) -> (G, d); broadcast over N, plus the diagonal part.
-    bias = torch.matmul(scaled_whitening, shift.unsqueeze(-1)).squeeze(-1)
-    bias = bias.unsqueeze(0) + instance_scale * bn_shift.unsqueeze(0)
-    return matrix, bias.unsqueeze(-1)
+    centred_shift = bn_shift if center is None else bn_shift - center
+    # (G, d, d) @ (..., G, d, 1) -> (..., G, d, 1), plus the diagonal part.
+    bias = torch.matmul(scaled_whitening, centred_shift.unsqueeze(-1))
+    bias = bias + (instance_scale * bn_shift).unsqueeze(-1)
+    return matrix, bias

@@ -18,3 +18,8 @@ model = dict(
         init_cfg=dict(
             type='Pretrained',
             checkpoint='checkpoints/cenet_r101_imagenet_mmdet.pth')))
+
+# Every rank's random states travel with the checkpoints, so that a killed run
+# resumed with --resume ends at exactly the weights of an uninterrupted one
+# (cenet_mmdet/engine/random_state.py).
+custom_hooks = [dict(type='RandomStateHook')]

@@ -228,6 +228,32 @@ def test_bad_ce_cfg(ce_cfg, error):
         CEResNet(depth=50, ce_cfg=ce_cfg)
 
 
+@pytest.mark.parametrize('base_channels', [1, 2])
+def test_narrow_backbones_name_the_layer_and_the_fix(base_channels):
+    """MMDetection's own backbone tests use base_channels 1-8."""
+    with pytest.raises(ValueError) as err:
+        CEResNet(depth=50, base_channels=base_channels)
+    message = str(err.value)
+    assert f'the stem ({base_channels} channels)' in message
+    assert 'reduction=4 leaves no hidden unit' in message
+    assert 'stem_ce=False' in message
+    # without the stem CE, stage 1 (4 or 8 channels) builds; a wider
+    # reduction fails there, and the message names the stage
+    CEResNet(depth=50, base_channels=base_channels, stem_ce=False)
+    with pytest.raises(ValueError) as err:
+        CEResNet(depth=50, base_channels=base_channels, stem_ce=False,
+                 ce_cfg=dict(type='CE', reduction=16))
+    message = str(err.value)
+    assert (f'stage 1 (layer1, {4 * base_channels} channels after bn3)'
+            in message)
+    assert 'stage_with_ce=(False, True, True, False)' in message
+    # the advice works
+    backbone = CEResNet(depth=50, base_channels=base_channels,
+                        ce_cfg=dict(type='CE', reduction=1),
+                        stem_group_size=base_channels)
+    assert backbone.num_ce_layers == 14
+
+
 def test_build_error_through_registry_is_clear():
     with pytest.raises(ValueError, match='invalid depth'):
         MODELS.build(dict(type='CEResNet', depth=18))

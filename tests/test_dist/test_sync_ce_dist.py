@@ -49,6 +49,12 @@ SCENARIOS = {
     'frozen_gate_f64': dict(shapes=[(1, C, 5, 5), (3, C, 5, 5)],
                             eval_shapes=[(2, C, 3, 3), (2, C, 3, 3)], steps=2,
                             dtype=torch.float64, frozen_gate=True, build='init'),
+    # mean/std ~ 700, far from the running mean (and from 0), float32: the
+    # ranks' sums must be taken about one shared reference to stay accurate
+    'large_mean_f32': dict(shapes=[(2, C, 4, 6), (3, C, 5, 3)],
+                           eval_shapes=[(1, C, 4, 6), (2, C, 3, 5)], steps=2,
+                           dtype=torch.float32, frozen_gate=False, build='init',
+                           offset=1000.0),
     # rank 0 holds no image: it must join the collectives and count 0
     'empty_rank_f64': dict(shapes=[(0, C, 4, 6), (3, C, 4, 6)],
                            eval_shapes=[(0, C, 4, 6), (2, C, 4, 6)], steps=2,
@@ -123,14 +129,15 @@ def _seed(name: str, kind: str, step: int, rank: int) -> int:
 def rank_inputs(name: str, step: int, rank: int) -> Tuple[Tensor, Tensor]:
     spec = SCENARIOS[name]
     shape, dtype = spec['shapes'][rank], spec['dtype']
-    return (make_input(shape, _seed(name, 'x', step, rank), dtype),
+    x = make_input(shape, _seed(name, 'x', step, rank), dtype)
+    return (x + spec.get('offset', 0.0),
             make_input(shape, _seed(name, 'g', step, rank), dtype))
 
 
 def eval_input(name: str, rank: int) -> Tensor:
     spec = SCENARIOS[name]
     return make_input(spec['eval_shapes'][rank], _seed(name, 'eval', 0, rank),
-                      spec['dtype'])
+                      spec['dtype']) + spec.get('offset', 0.0)
 
 
 # ----------------------------------------------------- worker side (spawned)
@@ -482,19 +489,27 @@ def test_empty_rank_joins_and_counts_zero(dist_run):
         assert torch.count_nonzero(grad) == 0, key
 
 
-def test_one_packed_collective_per_layer_and_documented_bytes(dist_run):
+def test_collectives_per_layer_and_documented_bytes(dist_run):
     calls = dist_run.get('collectives')
-    # 4 * (2C + C*d + 2) bytes, float32: C=256, d=16 and the stem C=64, d=64
-    expected = [('all_reduce', 18440, 'torch.float32'),
-                ('all_reduce', 16904, 'torch.float32')]
+
+    def forward(channels: int, size: int, dtype: str = 'torch.float32'):
+        """The shared reference (C + 1 numbers), then the packed sums
+        ``(2C + C*d + 2)``, both in the compute dtype."""
+        width = 8 if dtype == 'torch.float64' else 4
+        return [('all_reduce', width * (channels + 1), dtype),
+                ('all_reduce', width * (2 * channels + channels * size + 2), dtype)]
+
+    # C=256, d=16: 18,440 bytes packed; the stem C=64, d=64: 16,904
+    expected = forward(256, 16) + forward(64, 64)
+    assert [size for _, size, _ in expected] == [1028, 18440, 260, 16904]
     for rank in range(2):
         assert calls[rank]['forward'] == expected
         # backward: one all-reduce of the packed gradient per layer, reverse order
-        assert calls[rank]['backward'] == expected[::-1]
-        assert calls[rank]['others'] == [
-            ('all_reduce', 73736, 'torch.float32'),  # C=1024, d=16
-            ('all_reduce', 2 * 18440, 'torch.float64'),
-            ('all_reduce', 18440, 'torch.float32')]  # bfloat16 input: fp32 sums
+        assert calls[rank]['backward'] == [expected[3], expected[1]]
+        assert calls[rank]['others'] == (
+            forward(1024, 16)  # 73,736 bytes packed
+            + forward(256, 16, 'torch.float64')
+            + forward(256, 16))  # bfloat16 input: float32 sums
         assert calls[rank]['eval'] == []
     import cenet_mmdet.models.layers.sync_ce as sync_ce
     for number in ('18,440', '16,904', '73,736'):
@@ -505,7 +520,8 @@ def test_all_ranks_empty_keeps_running_statistics(dist_run):
     for result in dist_run.get('all_empty'):
         assert result['out_shape'] == [0, C, 4, 6]
         assert result['finite_grads']
-        assert [c[0] for c in result['calls']] == ['all_reduce', 'all_reduce']
+        # forward: reference and packed sums; backward: the packed gradient
+        assert [c[0] for c in result['calls']] == ['all_reduce'] * 3
         for key, value in result['before'].items():
             assert torch.equal(result['after'][key], value), key
 

@@ -4,7 +4,9 @@ Two gloo processes check CPUSyncBatchNorm against BatchNorm1d over the union of
 both workers' positions (outputs, input/weight gradients, running statistics;
 the workers hold different batch and image sizes), and the DDP wrapper as
 MMEngine's runner builds it (with ``device_ids``). In-process tests cover the
-no-op paths (``--launcher none``, CUDA available) and the error paths.
+no-op paths (``--launcher none``, CUDA available) and the error paths. The CPU
+path is forced (``torch.cuda.is_available`` patched to False) so that these
+tests run the same on a machine with CUDA.
 """
 import os
 import os.path as osp
@@ -51,6 +53,7 @@ def affine_init(layer: nn.Module) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.cuda.is_available = lambda: False  # the CPU path, on any machine
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -172,6 +175,7 @@ def test_no_op_without_launcher_or_with_cuda(monkeypatch):
 def test_missing_launcher_environment(monkeypatch):
     if dist.is_initialized():
         pytest.skip('a process group exists in this process')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match='dist_train.sh'):
@@ -190,6 +194,8 @@ def single_process_group(monkeypatch):
     monkeypatch.setenv('RANK', '0')
     monkeypatch.setenv('WORLD_SIZE', '1')
     monkeypatch.setenv('LOCAL_RANK', '0')
+    # the CPU path, also on a machine with CUDA
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     yield
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -249,7 +249,62 @@ def test_refuses_non_finite_and_non_state_dicts(tmp_path, capsys, released_state
     dst = tmp_path / 'converted' / 'x.pth'
     capsys.readouterr()
     rc = main([str(tmp_path / 'notes.txt'), str(dst)])
-    assert_refused(rc, capsys.readouterr().err, dst, 'cannot read')
+    err = capsys.readouterr().err
+    assert_refused(rc, err, dst, 'cannot read', 'not a complete zip archive')
+    assert '--unsafe-load' not in err  # not an unsafe type: not a checkpoint
+
+
+def test_refuses_non_string_keys(tmp_path, capsys, released_state):
+    state = OrderedDict(released_state)
+    state[3] = torch.ones(1)
+    state[('layer1', 0)] = torch.ones(1)
+    rc, _, err, dst = run(tmp_path, checkpoint_of(state), capsys)
+    assert_refused(rc, err, dst,
+                   'not a state dict: 2 keys are not parameter names (strings): '
+                   "3, ('layer1', 0)")
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped'])
+def test_refuses_a_damaged_archive(tmp_path, capsys, released_state, damage):
+    src = tmp_path / 'src.pth.tar'
+    torch.save(checkpoint_of(released_state), src)
+    data = bytearray(src.read_bytes())
+    if damage == 'truncated':  # a copy or a save that was cut short
+        data = data[:len(data) // 2]
+    else:  # one flipped byte inside the stored tensors
+        data[len(data) // 2] ^= 0xFF
+    src.write_bytes(bytes(data))
+    dst = tmp_path / 'converted' / 'out.pth'
+    capsys.readouterr()
+    rc = main([str(src), str(dst)])
+    err = capsys.readouterr().err
+    expected = ('not a complete zip archive' if damage == 'truncated' else
+                'fails its CRC check')
+    assert_refused(rc, err, dst, f'cannot read {src}', expected)
+    assert '--unsafe-load' not in err
+
+
+def test_half_tensors_convert_and_integer_tensors_are_refused(
+        tmp_path, capsys, released_state):
+    half = OrderedDict((k, v.half() if v.is_floating_point() else v)
+                       for k, v in released_state.items())
+    rc, _, err, dst = run(tmp_path, checkpoint_of(half), capsys)
+    assert rc == 0, err
+    backbone = CEResNet(depth=50)
+    converted = torch.load(dst, weights_only=True)['state_dict']
+    backbone.load_state_dict(converted)
+    loaded = backbone.state_dict()
+    assert torch.equal(loaded['bn1.ce.running_whitening'],
+                       half['ce1.running_wm'].float())
+    assert torch.equal(loaded['layer1.0.bn3.ce.aii.gate.0.weight'],
+                       half['layer1.0.ce.AR.fc.0.weight'].float())
+    integer = OrderedDict(released_state)
+    integer['layer2.1.ce.running_wm'] = integer['layer2.1.ce.running_wm'].long()
+    rc, _, err, dst = run(tmp_path, checkpoint_of(integer), capsys,
+                          dst_name='integer.pth')
+    dst.parent.joinpath('out.pth').unlink()  # the half conversion's output
+    assert_refused(rc, err, dst, 'wrong dtype kind (float vs integer): '
+                   'layer2.1.ce.running_wm')
 
 
 def test_untrusted_pickle_needs_unsafe_load(tmp_path, capsys, released_state):

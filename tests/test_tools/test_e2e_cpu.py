@@ -8,7 +8,8 @@ resume -> single-process and distributed testing with bbox/segm COCO AP.
    the SyncCE/SyncBN statistics must be identical on both ranks, and updated.
 3. ``--resume`` with a larger ``train_cfg.max_iters`` continues at iteration 5.
 4. ``tools/test.py`` and ``bash tools/dist_test.sh ... 2`` on the checkpoint:
-   finite AP keys, and the same AP from one and from two processes.
+   finite AP keys, and the same detections (boxes, scores, labels, masks) and
+   AP from one and from two processes.
 5. ``tools/train.py <CE smoke config>`` (one process) from a fixed initial
    checkpoint with perturbed statistics (``load_from``): every BN/CE buffer and
    parameter of the backbone is unchanged (frozen), while other weights train.
@@ -101,7 +102,10 @@ def workspace(tmp_path_factory):
         PYTHONPATH=HERE + os.pathsep + env.get('PYTHONPATH', ''),
         # one thread per process (torchrun's default for several processes):
         # the cores are shared, and oversubscribed OpenMP threads crawl
-        OMP_NUM_THREADS='1')
+        OMP_NUM_THREADS='1',
+        # the CPU (gloo) path on any machine: two processes cannot share one
+        # GPU with NCCL
+        CUDA_VISIBLE_DEVICES='')
     env.pop('MASTER_PORT', None)
     run([sys.executable, osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
          osp.join(root, 'data', 'synthetic_shapes'), '--train', '8', '--val',
@@ -208,17 +212,40 @@ def test_single_process_test(single_test):
         predictions[0]['pred_instances'])
 
 
+def _predictions_by_image(path: str) -> Dict[int, Dict]:
+    import pickle
+    with open(path, 'rb') as f:
+        predictions = pickle.load(f)
+    return {p['img_id']: p['pred_instances'] for p in predictions}
+
+
 def test_dist_test_matches_single_process(workspace, resumed, single_test):
+    """Two test processes give the same detections (every box, score, label
+    and mask) as one; after a few iterations AP is near 0, so the AP alone
+    could not tell them apart."""
     work_dir = osp.join(workspace['root'], 'test_dist')
+    out = osp.join(work_dir, 'predictions.pkl')
     run(['bash', osp.join(REPO, 'tools', 'dist_test.sh'),
          workspace['sync_config'], osp.join(resumed['work_dir'], 'iter_6.pth'),
-         '2', '--work-dir', work_dir], workspace['root'], dist_env(workspace))
+         '2', '--work-dir', work_dir, '--out', out], workspace['root'],
+        dist_env(workspace))
     records = metrics(work_dir)
     assert len(records) == 1
     assert_finite_ap(records[0])
     single = metrics(single_test['work_dir'])[0]
     for key in AP_KEYS:
         assert records[0][key] == pytest.approx(single[key], abs=1e-3), key
+    distributed = _predictions_by_image(out)
+    alone = _predictions_by_image(single_test['out'])
+    assert distributed.keys() == alone.keys() and len(alone) == 4
+    assert sum(len(p['scores']) for p in alone.values()) > 0
+    for img_id, expected in alone.items():
+        actual = distributed[img_id]
+        for key in ('bboxes', 'scores'):
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5,
+                                       atol=1e-4, msg=f'{key} of image {img_id}')
+        assert torch.equal(actual['labels'], expected['labels'])
+        assert actual['masks'] == expected['masks'], f'masks of image {img_id}'
 
 
 def _is_norm_tensor(name: str) -> bool:

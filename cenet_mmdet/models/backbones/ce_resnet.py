@@ -55,6 +55,15 @@ def _build_ce_layer(ce_cfg: dict, num_features: int,
     return name, layer
 
 
+def _located_error(err: ValueError, where: str, switch_off: str) -> ValueError:
+    """``err`` from building a CE layer, saying which layer and what to set."""
+    return ValueError(
+        f'CEResNet: cannot build the CE layer of {where}: {err}. Set the CE '
+        f'options for this width in ce_cfg (e.g. reduction, group_size; '
+        f'stem_group_size for the stem), use more channels (base_channels, '
+        f'stem_channels), or leave CE out there ({switch_off}).')
+
+
 class CEBottleneck(Bottleneck):
     """MMDetection's ``Bottleneck`` with a CE layer as ``norm3`` (``bn3``).
 
@@ -225,7 +234,11 @@ class CEResNet(ResNet):
         if self.ce_cfg is None or not self.stem_ce:
             return
         stem_cfg = dict(self.ce_cfg, group_size=self.stem_group_size)
-        name, layer = _build_ce_layer(stem_cfg, stem_channels, 1)
+        try:
+            name, layer = _build_ce_layer(stem_cfg, stem_channels, 1)
+        except ValueError as err:
+            raise _located_error(err, f'the stem ({stem_channels} channels)',
+                                 'stem_ce=False') from err
         if self.deep_stem:
             self.stem[7] = layer  # conv, norm, relu x 3: the last norm
         else:
@@ -238,7 +251,16 @@ class CEResNet(ResNet):
         :class:`CEBottleneck` blocks when ``stage_with_ce[i]``."""
         stage = self._num_res_layers_made
         self._num_res_layers_made += 1
-        if self.ce_cfg is not None and self.stage_with_ce[stage]:
-            kwargs['block'] = CEBottleneck
-            kwargs['ce_cfg'] = self.ce_cfg
-        return ResLayer(**kwargs)
+        if self.ce_cfg is None or not self.stage_with_ce[stage]:
+            return ResLayer(**kwargs)
+        kwargs['block'] = CEBottleneck
+        kwargs['ce_cfg'] = self.ce_cfg
+        try:
+            return ResLayer(**kwargs)
+        except ValueError as err:
+            channels = kwargs['planes'] * CEBottleneck.expansion
+            flags = list(self.stage_with_ce)
+            flags[stage] = False
+            raise _located_error(
+                err, f'stage {stage + 1} (layer{stage + 1}, {channels} channels '
+                f'after bn3)', f'stage_with_ce={tuple(flags)}') from err

@@ -15,6 +15,11 @@ Design notes
   :func:`cenet_mmdet.ops.fold_channel_equilibrium`). The BN output is never
   materialized, which makes the layer cheap and lets :class:`SyncCE`
   synchronize all statistics with a single collective.
+* The moments are taken on the input shifted per (image, channel) by one of its
+  own values, then moved exactly to one reference shared by the batch (and by
+  all workers in :class:`SyncCE`), and the maps are applied to the shifted
+  input: one pass, and no ``E[x^2] - E[x]^2`` cancellation however large
+  ``|mean| / std`` is (tested up to 1e4 against a float64 reference).
 * All statistics, the covariance and the Newton iteration run in float32 (float64
   for float64 inputs), also under ``torch.autocast``; the output has the input's
   dtype.
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import (fold_channel_equilibrium, inverse_sqrt_newton,
-                    resolve_group_size, sample_moments)
+                    resolve_group_size, sample_moments, shifted_moments)
 
 WHITENING_MODES = ('released', 'paper')
 
@@ -224,6 +229,11 @@ class CE(nn.BatchNorm2d):
     def _use_batch_stats(self) -> bool:
         return self.training
 
+    def _common_shift(self, shift: Tensor) -> Tensor:
+        """The reference ``(G, d)`` about which the batch sums are taken: the
+        first sample's shift (every worker must use the same one)."""
+        return shift[0]
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -233,32 +243,35 @@ class CE(nn.BatchNorm2d):
             # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
             x_grouped = x_compute.reshape(n, self.ce.num_groups,
                                           self.ce.group_size, h * w)
+            # Shifted one-pass moments: every (image, channel) is shifted by
+            # one of its own values, so the sums stay accurate however large
+            # |mean| / std is. The shift is folded back exactly into the maps
+            # (and holds no gradient: the layer does not depend on it).
+            shift = x_grouped[..., :1].detach()  # (N, G, d, 1)
+            x_shifted = x_grouped - shift
             if self._use_batch_stats():
-                # Moments of x - running_mean: the one-pass sums stay accurate
-                # when |mean| >> std. The shift is folded back exactly.
-                # (a copy: the running mean is updated in place below)
-                offset = self.running_mean.to(compute_dtype, copy=True)
-                x_grouped = x_grouped - offset.view(
-                    1, self.ce.num_groups, self.ce.group_size, 1)
-                matrix, bias = self._train_maps(x_grouped, offset, h, w)
+                matrix, bias = self._train_maps(x_shifted, shift.squeeze(-1), h, w)
             else:
-                matrix, bias = self._eval_maps(x_grouped)
+                matrix, bias = self._eval_maps(x_shifted, shift.squeeze(-1))
             # (N, G, d, d) @ (N, G, d, L) -> (N, G, d, L) -> (N, C, H, W), plus
             # the (N, C, 1, 1) bias out of place: the result is not a view
             # (callers such as checkpointed blocks may modify it in place).
-            out = torch.matmul(matrix, x_grouped).view(n, c, h, w)
+            out = torch.matmul(matrix, x_shifted).view(n, c, h, w)
             out = torch.add(out, bias.view(n, c, 1, 1))
         return out.to(x.dtype)
 
-    def _bn_affine(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
-        """BN as ``y = a * x + b``: ``(C,)`` scale and shift."""
+    def _bn_scale(self, var: Tensor) -> Tensor:
+        """BN scale ``a = gamma / sqrt(var + eps)``, ``(C,)``."""
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight.to(scale.dtype)
-            shift = self.bias.to(scale.dtype) - mean * scale
-        else:
-            shift = -mean * scale
-        return scale, shift
+        return scale
+
+    def _bn_beta(self, like: Tensor) -> Tensor:
+        """BN output offset ``beta`` ``(C,)`` (zeros without affine)."""
+        if self.affine:
+            return self.bias.to(like.dtype)
+        return like.new_zeros(self.num_features)
 
     def _instance_variance(self, sums: Tensor, squares: Tensor,
                            positions: int) -> Tensor:
@@ -273,23 +286,32 @@ class CE(nn.BatchNorm2d):
                 f'when training with batch statistics, got an empty batch '
                 f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
 
-    def _train_maps(self, x_grouped: Tensor, offset: Tensor, h: int,
+    def _train_maps(self, x_shifted: Tensor, shift: Tensor, h: int,
                     w: int) -> Tuple[Tensor, Tensor]:
-        """Maps from batch statistics; ``x_grouped`` is ``x - offset``."""
+        """Maps from batch statistics.
+
+        ``x_shifted`` ``(N, G, d, L)`` is ``x - shift`` with ``shift``
+        ``(N, G, d)`` one value of each image and channel; the maps apply to
+        ``x_shifted``.
+        """
         ce = self.ce
-        n, groups, size, positions = x_grouped.shape
-        self._check_batch(x_grouped)
+        n, groups, size, positions = x_shifted.shape
+        self._check_batch(x_shifted)
         channels = groups * size
-        sums, gram = sample_moments(x_grouped, with_gram=True)
+        sums, gram = sample_moments(x_shifted, with_gram=True)  # about shift
         squares = gram.diagonal(dim1=-2, dim2=-1)  # (N, G, d)
         instance_var = self._instance_variance(sums, squares, positions)
+        # Batch sums about one reference t shared by all workers.
+        reference = self._common_shift(shift)  # (G, d)
+        offset = shift - reference  # (N, G, d)
+        ref_sums, ref_gram = shifted_moments(sums, gram, offset, positions)
         # Pack every batch statistic for one reduction:
-        # [sum x (C) | sum x x^T (G*d*d) | sum_n var_nc (C) | N*L | N]
+        # [sum (x-t) (C) | sum (x-t)(x-t)^T (G*d*d) | sum_n var_nc (C) | N*L | N]
         packed = torch.cat([
-            sums.sum(0).flatten(),
-            gram.sum(0).flatten(),
+            ref_sums.sum(0).flatten(),
+            ref_gram.sum(0).flatten(),
             instance_var.sum(0),
-            x_grouped.new_tensor([n * positions, n]),
+            x_shifted.new_tensor([n * positions, n]),
         ])
         packed = self._reduce(packed)
         total_sum, total_gram, total_var, counts = torch.split(
@@ -299,23 +321,24 @@ class CE(nn.BatchNorm2d):
         has_data = counts[0] > 0
         count, num_instances = counts[0].clamp_min(2), counts[1].clamp_min(1)
 
-        # BN statistics of the shifted input x_s = x - r (r = offset).
-        mean_s = total_sum / count  # (C,)
+        # BN statistics; the mean relative to t first (small, accurate).
+        mean_rel = total_sum / count  # (C,)
         second = total_gram.view(groups, size, size) / count  # (G, d, d)
-        var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean_s.square()).clamp_min(0)
-        mean = mean_s + offset
-        bn_scale, bn_shift = self._bn_affine(mean, var)
-        scale_g = bn_scale.view(groups, size)
-        # y = a x + b = a x_s + (b + a r): the map is applied to x_s.
-        shift_g = (bn_shift + bn_scale * offset).view(groups, size)
+        var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean_rel.square()).clamp_min(0)
+        mean = mean_rel + reference.flatten()
+        bn_scale = self._bn_scale(var)
+        beta = self._bn_beta(bn_scale)
+        scale_g, mean_rel_g = bn_scale.view(groups, size), mean_rel.view(groups, size)
+        # y = a (x - mean) + beta = a x_shifted + b_n with
+        # b_n = a (shift_n - mean) + beta = a (offset_n - mean_rel) + beta.
+        shift_n = scale_g * (offset - mean_rel_g) + beta.view(groups, size)
 
-        # BD: covariance of y = a x + b is diag(a) Cov(x) diag(a).
-        mean_g = mean_s.view(groups, size)
-        cov_x = second - mean_g.unsqueeze(-1) * mean_g.unsqueeze(-2)
+        # BD: covariance of y = a x + b is diag(a) Cov(x) diag(a); mean(y) = beta.
+        cov_x = second - mean_rel_g.unsqueeze(-1) * mean_rel_g.unsqueeze(-2)
         cov_y = cov_x * scale_g.unsqueeze(-1) * scale_g.unsqueeze(-2)
-        mean_y = scale_g * mean_g + shift_g  # (G, d)
+        mean_y = beta.view(groups, size)
         if self.pool_stats:
-            cov_y, mean_y = self._pooled_covariance(x_grouped, scale_g, shift_g,
+            cov_y, mean_y = self._pooled_covariance(x_shifted, scale_g, shift_n,
                                                     count, h, w)
         eye = torch.eye(size, dtype=cov_y.dtype, device=cov_y.device)
         cov_y = cov_y + ce.eps * eye
@@ -328,15 +351,16 @@ class CE(nn.BatchNorm2d):
         self._update_running(mean, var, count, has_data, mean_y, whitening,
                              aii_scale)
         return self._maps(whitening, aii_scale, instance_var * bn_scale.square(),
-                          scale_g, shift_g, mean_y)
+                          scale_g, shift_n, mean_y)
 
-    def _pooled_covariance(self, x_grouped: Tensor, scale_g: Tensor,
-                           shift_g: Tensor, count: Tensor, h: int,
+    def _pooled_covariance(self, x_shifted: Tensor, scale_g: Tensor,
+                           shift_n: Tensor, count: Tensor, h: int,
                            w: int) -> Tuple[Tensor, Tensor]:
         """Released ``pool_stats`` option: mean and covariance of the 2x2
-        max-pooled BN output, normalized by the unpooled count."""
-        n, groups, size, _ = x_grouped.shape
-        y = x_grouped * scale_g[..., None] + shift_g[..., None]
+        max-pooled BN output ``y = a x_shifted + b_n``, normalized by the
+        unpooled count."""
+        n, groups, size, _ = x_shifted.shape
+        y = x_shifted * scale_g[..., None] + shift_n[..., None]
         pooled = F.max_pool2d(y.reshape(n, groups * size, h, w), 2, 2)
         pooled = pooled.reshape(n, groups, size, -1)
         mean_y = pooled.mean(dim=(0, 3))  # (G, d)
@@ -363,23 +387,31 @@ class CE(nn.BatchNorm2d):
             for buffer, value in updates:
                 buffer.lerp_(value.to(buffer.dtype), weight.to(buffer.dtype))
 
-    def _eval_maps(self, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+    def _eval_maps(self, x_shifted: Tensor,
+                   shift: Tensor) -> Tuple[Tensor, Tensor]:
+        """Maps from running statistics, for ``x_shifted = x - shift``."""
         ce = self.ce
-        dtype = x_grouped.dtype
-        _, groups, size, positions = x_grouped.shape
-        sums, squares = sample_moments(x_grouped, with_gram=False)
-        bn_scale, bn_shift = self._bn_affine(
-            self.running_mean.to(dtype), self.running_var.to(dtype))
+        dtype = x_shifted.dtype
+        _, groups, size, positions = x_shifted.shape
+        sums, squares = sample_moments(x_shifted, with_gram=False)
+        bn_scale = self._bn_scale(self.running_var.to(dtype))
+        scale_g = bn_scale.view(groups, size)
+        # b_n = a (shift_n - running_mean) + beta: the difference of two close
+        # numbers is exact, so large means cost no precision.
+        running_mean = self.running_mean.to(dtype).view(groups, size)
+        shift_n = scale_g * (shift - running_mean) + self._bn_beta(
+            bn_scale).view(groups, size)
         instance_var = self._instance_variance(sums, squares, positions)
         return self._maps(ce.running_whitening.to(dtype),
                           ce.aii.running_scale.to(dtype),
-                          instance_var * bn_scale.square(),
-                          bn_scale.view(groups, size), bn_shift.view(groups, size),
+                          instance_var * bn_scale.square(), scale_g, shift_n,
                           ce.running_mean.to(dtype).squeeze(-1))
 
     def _maps(self, whitening: Tensor, aii_scale: Tensor, instance_var_y: Tensor,
-              scale_g: Tensor, shift_g: Tensor,
+              scale_g: Tensor, shift_n: Tensor,
               mean_y: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-sample ``(matrix, bias)`` of the layer for ``y = a x + b_n``
+        (``scale_g`` ``(G, d)``, ``shift_n`` ``(N, G, d)``)."""
         ce = self.ce
         dtype = whitening.dtype
         lam = torch.sigmoid(ce.lambda_logit.to(dtype))
@@ -388,7 +420,7 @@ class CE(nn.BatchNorm2d):
         center = mean_y if ce.whitening == 'paper' else None
         return fold_channel_equilibrium(
             lam, whitening, instance_scale.view(-1, ce.num_groups, ce.group_size),
-            scale_g, shift_g, center)
+            scale_g, shift_n, center)
 
     def _gate(self, instance_var_y: Tensor) -> Tensor:
         """AII gate, evaluated in the gate's own dtype, returned in the input's."""

@@ -20,16 +20,19 @@ workers hold different ``N`` or ``H*W`` (detection pads each GPU's batch to its
 own size). Per-worker means are never averaged with equal weights. The AII gate
 is per instance and needs no communication.
 
-One ``all_reduce`` (SUM) per layer and training forward carries, packed in one
-tensor (float32, also under autocast; float64 for float64 inputs)::
+Per layer and training forward, a small ``all_reduce`` first agrees on the
+reference ``t`` of the sums (``C + 1`` numbers, forward only, see
+:class:`SyncCE`), then one ``all_reduce`` (SUM) carries, packed in one tensor
+(float32, also under autocast; float64 for float64 inputs)::
 
     [ sum_x (C) | sum_x x x^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
 
-(moments of ``x - running_mean``, see :class:`SyncCE`), i.e. ``4 * (2*C + C*d + 2)`` bytes for float32: 18,440 bytes for C=256,
+(moments of ``x - t`` for a reference ``t`` shared by the workers, see
+:class:`SyncCE`), i.e. ``4 * (2*C + C*d + 2)`` bytes for float32: 18,440 bytes for C=256,
 d=16; 16,904 bytes for the stem (C=64, d=64); 73,736 bytes for C=1024, d=16.
 The backward pass all-reduces the gradient of that tensor once (the sums are
 differentiable), so a training step costs two collectives of that size per
-layer. Evaluation uses running statistics and communicates nothing. A worker
+layer, plus the small one. Evaluation uses running statistics and communicates nothing. A worker
 with an empty batch (``N = 0``) still joins both collectives and contributes
 zeros; if every worker's batch is empty, the outputs are empty and the running
 statistics are left unchanged.
@@ -71,10 +74,12 @@ class SyncCE(CE):
     to :class:`CE` when torch.distributed is not initialized, the world size is
     1, or in eval mode (then an empty batch is an error, as for CE).
 
-    CE computes its training moments about ``running_mean`` (for accuracy when
-    ``|mean| >> std``), so the workers must hold the same ``running_mean``.
-    They do by construction: DDP broadcasts rank 0's buffers when it wraps the
-    model, and every worker then updates them from the same global sums.
+    CE takes its training sums about a reference ``t`` close to the data (for
+    accuracy when ``|mean| >> std``). The sums of different workers can only be
+    added when they share ``t``, so a worker's ``t`` is the mean of the first
+    sample value of each channel over the workers that hold data: one small
+    forward-only ``all_reduce`` of ``C + 1`` numbers before the packed one
+    (an empty worker contributes zeros and still joins).
 
     Args:
         num_features: ``C`` of an input ``(N, C, H, W)``.
@@ -103,6 +108,17 @@ class SyncCE(CE):
     def _check_batch(self, x_grouped: Tensor) -> None:
         if not self._distributed():  # an empty local batch is fine when synced
             super()._check_batch(x_grouped)
+
+    def _common_shift(self, shift: Tensor) -> Tensor:
+        if not self._distributed():
+            return super()._common_shift(shift)
+        groups, size = shift.shape[1:]
+        # [first sample's shift (C) | 1 if this worker holds data]: (C + 1,)
+        local = torch.cat([shift[:1].sum(0).flatten(),
+                           shift.new_tensor([min(shift.size(0), 1)])])
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
+        reference = local[:-1] / local[-1].clamp_min(1)
+        return reference.view(groups, size)  # (G, d)
 
     def _reduce(self, packed: Tensor) -> Tensor:
         if not self._distributed():

@@ -1,0 +1,49 @@
+"""CEResNet in eval exports to ONNX with both exporters and runs in onnxruntime.
+
+The TorchScript-based exporter (``dynamo=False``, the one MMDeploy uses) and
+the dynamo exporter are both checked against the PyTorch eval output.
+"""
+import warnings
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+import cenet_mmdet  # noqa: F401
+from cenet_mmdet.models.backbones import CEResNet
+from cenet_mmdet.models.layers import CE
+
+
+@pytest.fixture(scope='module')
+def backbone():
+    """A narrow CE-ResNet-50 (all 14 CE layers) with trained-looking statistics."""
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, base_channels=8, out_indices=(1, 3))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64) * 2 + 1)
+        for layer in model.modules():
+            if isinstance(layer, CE):
+                layer.ce.lambda_logit.fill_(-0.4)
+    return model.eval()
+
+
+@pytest.mark.parametrize('dynamo', [False, True])
+def test_export_matches_pytorch(backbone, dynamo, tmp_path):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) + 3
+    path = str(tmp_path / f'ce_resnet_dynamo{dynamo}.onnx')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(backbone, (x,), path, dynamo=dynamo,
+                          input_names=['image'], output_names=['c3', 'c5'])
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = backbone(x)
+    assert len(outputs) == len(expected) == 2
+    for actual, wanted in zip(outputs, expected):
+        assert actual.shape == tuple(wanted.shape)
+        scale = wanted.abs().max().item()
+        np.testing.assert_allclose(actual, wanted.numpy(), rtol=0,
+                                   atol=1e-5 * max(scale, 1.0))

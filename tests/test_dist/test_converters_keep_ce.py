@@ -1,0 +1,117 @@
+"""Every converter a user may call keeps the CE blocks of a CE-ResNet.
+
+Each check counts the CE layers after the conversion (14 in CE-ResNet-50) and
+compares the eval output with the unconverted model: a converter that drops
+the CE block (as torch's ``convert_sync_batchnorm`` did, re-attaching the
+``ce`` child that nothing calls) changes the output while the state dict
+still loads.
+"""
+import copy
+import io
+
+import mmengine.model
+import pytest
+import torch
+from torch import nn
+
+import cenet_mmdet  # noqa: F401  (patches the converters)
+from cenet_mmdet.models.backbones import CEResNet
+from cenet_mmdet.models.layers import CE, SyncCE
+
+NUM_CE = 14  # CE-ResNet-50: stem + 3 + 4 + 6
+
+
+def count(model: nn.Module, kind=CE) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.fixture(scope='module')
+def backbone():
+    """A narrow CE-ResNet-50 with non-trivial CE statistics and lambda."""
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, base_channels=8, out_indices=(3,))
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 64, 64))
+        for layer in model.modules():
+            if isinstance(layer, CE):
+                layer.ce.lambda_logit.fill_(0.8)
+    return model.eval()
+
+
+def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)[-1]
+
+
+def assert_same_function(model, reference, num_ce=NUM_CE, kind=CE):
+    assert count(model, kind) == num_ce
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(eval_output(model, x), eval_output(reference, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_torch_convert_sync_batchnorm_makes_syncce(backbone):
+    model = copy.deepcopy(backbone)
+    ce_state = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert count(converted, SyncCE) == NUM_CE
+    # plain BN layers (downsample, stage 4) become SyncBatchNorm as before
+    assert count(converted, nn.SyncBatchNorm) == count(backbone, nn.BatchNorm2d) - NUM_CE
+    assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
+    # same tensors: CE's buffers and parameters are shared, not copied
+    for key, pointer in ce_state.items():
+        if '.ce.' in key:
+            assert converted.state_dict()[key].data_ptr() == pointer, key
+    assert_same_function(converted, backbone, kind=SyncCE)
+
+
+def test_torch_convert_is_idempotent_and_keeps_process_group(backbone):
+    group = object()  # stands for a process group; only stored
+    once = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(backbone), group)
+    synced = [m for m in once.modules() if isinstance(m, (SyncCE, nn.SyncBatchNorm))]
+    assert len(synced) == count(backbone, nn.BatchNorm2d)
+    assert all(m.process_group is group for m in synced)
+    twice = nn.SyncBatchNorm.convert_sync_batchnorm(once)
+    assert count(twice, SyncCE) == NUM_CE
+    assert_same_function(twice, backbone, kind=SyncCE)
+
+
+def test_round_trips_through_revert(backbone):
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(backbone))
+    reverted = mmengine.model.revert_sync_batchnorm(torch_sync)
+    assert count(reverted, nn.SyncBatchNorm) == 0
+    assert_same_function(reverted, backbone)
+    mm_sync = mmengine.model.convert_sync_batchnorm(copy.deepcopy(backbone))
+    again = nn.SyncBatchNorm.convert_sync_batchnorm(
+        mmengine.model.revert_sync_batchnorm(mm_sync))
+    assert_same_function(again, backbone, kind=SyncCE)
+
+
+def test_deepcopy_and_whole_model_pickling(backbone):
+    assert_same_function(copy.deepcopy(backbone), backbone)
+    buffer = io.BytesIO()
+    torch.save(backbone, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is CEResNet
+    assert_same_function(loaded, backbone)
+    # and a SyncCE model
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(backbone))
+    buffer = io.BytesIO()
+    torch.save(synced, buffer)
+    buffer.seek(0)
+    assert_same_function(torch.load(buffer, weights_only=False), backbone,
+                         kind=SyncCE)
+
+
+def test_torch_compile_of_an_eval_model(backbone):
+    model = copy.deepcopy(backbone).eval()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)[-1]
+        actual = compiled(x)[-1]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert count(model) == NUM_CE

@@ -1,0 +1,230 @@
+"""A killed distributed run resumes to exactly the same weights.
+
+1. ``bash tools/dist_train.sh <SyncCE smoke config> 2``, 8 iterations,
+   checkpoints every 4: the uninterrupted reference.
+2. The same run, with rank 1 SIGKILLed right after iteration 5 (after
+   ``iter_4.pth``): the surviving rank and the launcher must exit within 60 s.
+3. ``--resume`` in that work dir continues from iteration 4 to 8: every tensor
+   of ``iter_8.pth`` (weights, buffers, optimizer state) equals the reference
+   (``torch.equal``), thanks to ``RandomStateHook`` (switched on in the
+   project's configs).
+4. A truncated checkpoint is refused on resume with a message naming it.
+
+A single-process toy run checks the hook itself, including that without it the
+resumed run differs (so the comparison can fail).
+"""
+import os
+import os.path as osp
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('mmdet')
+import cenet_mmdet  # noqa: E402,F401
+from cenet_mmdet.compat import CheckpointFileError  # noqa: E402
+from mmengine.runner.checkpoint import CheckpointLoader  # noqa: E402
+
+from test_e2e_cpu import (HERE, REPO, SYNC_CONFIG, checkpoint, free_port,  # noqa: E402
+                          run)
+
+ITERS = 8
+KILL_AFTER = 5
+OPTIONS = [f'train_cfg.max_iters={ITERS}', 'train_cfg.val_begin=100',
+           f'train_cfg.val_interval={ITERS}']
+
+
+def tensors(ckpt: dict) -> dict:
+    """Every tensor of a checkpoint: state dict and optimizer state."""
+    found = {f'state_dict.{k}': v for k, v in ckpt['state_dict'].items()}
+    for index, state in ckpt['optimizer']['state'].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                found[f'optimizer.{index}.{key}'] = value
+    return found
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('resume'))
+    env = dict(os.environ)
+    env.update(
+        PYTHON=sys.executable,
+        PATH=osp.dirname(sys.executable) + os.pathsep + env.get('PATH', ''),
+        PYTHONPATH=HERE + os.pathsep + env.get('PYTHONPATH', ''),
+        OMP_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='')  # the CPU (gloo) path on any machine
+    env.pop('MASTER_PORT', None)
+    env.pop('CENET_KILL', None)
+    run([sys.executable, osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
+         osp.join(root, 'data', 'synthetic_shapes'), '--train', '8', '--val',
+         '2', '--size', '128', '--seed', '0'], root, env)
+    config = osp.join(root, 'syncce_smoke_kill.py')
+    with open(config, 'w') as f:
+        f.write(f'_base_ = {SYNC_CONFIG!r}\n'
+                "custom_imports = dict(imports=['cenet_mmdet', 'e2e_hooks'], "
+                'allow_failed_imports=False)\n'
+                "custom_hooks = [dict(type='RandomStateHook'), "
+                f"dict(type='KillRankHook', after_iter={KILL_AFTER})]\n")
+    return dict(root=root, env=env, config=config)
+
+
+def dist_train(workspace, work_dir, *extra, kill=False, check=True):
+    env = dict(workspace['env'], PORT=str(free_port()))
+    if kill:
+        env['CENET_KILL'] = '1'
+    cmd = ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), workspace['config'],
+           '2', '--work-dir', work_dir, *extra, '--cfg-options', *OPTIONS]
+    if check:
+        return run(cmd, workspace['root'], env)
+    return subprocess.run(cmd, cwd=workspace['root'], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_and_coco_configs_switch_the_hook_on():
+    from mmengine.config import Config
+    for name in ('mask-rcnn_ce-r50_fpn_2x_coco.py', 'mask-rcnn_syncce-r50_fpn_2x_coco.py',
+                 'mask-rcnn_ce-r101_fpn_2x_coco.py',
+                 'mask-rcnn_syncce-r101_fpn_2x_coco.py',
+                 'smoke/mask-rcnn_syncce-r50_fpn_shapes-smoke.py',
+                 'smoke/mask-rcnn_ce-r50_fpn_shapes-smoke.py'):
+        cfg = Config.fromfile(osp.join(REPO, 'configs', 'cenet', name))
+        types = [hook['type'] for hook in cfg.get('custom_hooks', [])]
+        assert 'RandomStateHook' in types, name
+
+
+def test_killed_run_resumes_bit_for_bit(workspace):
+    reference_dir = osp.join(workspace['root'], 'uninterrupted')
+    dist_train(workspace, reference_dir)
+
+    killed_dir = osp.join(workspace['root'], 'killed')
+    proc = dist_train(workspace, killed_dir, kill=True, check=False)
+    finished = time.time()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    with open(osp.join(killed_dir, 'killed_at')) as f:
+        killed_at = float(f.read())
+    assert finished - killed_at < 60, f'survivors took {finished - killed_at:.0f}s'
+    assert osp.isfile(osp.join(killed_dir, 'iter_4.pth'))
+    assert not osp.exists(osp.join(killed_dir, f'iter_{ITERS}.pth'))
+
+    log = dist_train(workspace, killed_dir, '--resume')
+    assert 'resumed epoch: 0, iter: 4' in log
+    resumed = tensors(checkpoint(osp.join(killed_dir, f'iter_{ITERS}.pth')))
+    reference = tensors(checkpoint(osp.join(reference_dir, f'iter_{ITERS}.pth')))
+    assert resumed.keys() == reference.keys()
+    assert len(reference) > 400
+    different = [k for k in reference if not torch.equal(resumed[k], reference[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:5]}'
+
+    # a checkpoint cut short on disk is refused, naming the file
+    truncated = osp.join(workspace['root'], 'truncated', 'iter_4.pth')
+    os.makedirs(osp.dirname(truncated))
+    with open(osp.join(killed_dir, 'iter_4.pth'), 'rb') as f:
+        data = f.read()
+    with open(truncated, 'wb') as f:
+        f.write(data[:len(data) // 3])
+    proc = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'train.py'), workspace['config'],
+         '--work-dir', osp.dirname(truncated), '--resume', truncated,
+         '--cfg-options', *OPTIONS],
+        cwd=workspace['root'], env=workspace['env'], capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f'cannot load checkpoint {truncated}' in proc.stderr + proc.stdout
+    assert 'truncated' in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------- the hook, single process
+class _NoisyDataset(torch.utils.data.Dataset):
+    """Draws from numpy's and Python's generators while loading (flips)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        import random
+        x = torch.full((4,), float(index))
+        if np.random.rand() < 0.5:
+            x = -x
+        return dict(inputs=x * random.random())
+
+
+def _toy_runner(work_dir: str, max_iters: int, hook: bool, resume: bool = False):
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.dropout = torch.nn.Dropout(0.5)  # torch's generator
+
+        def forward(self, inputs, data_samples=None, mode='loss'):
+            return dict(loss=self.dropout(self.linear(inputs)).square().mean())
+
+    torch.manual_seed(0)  # the same initial weights in every run
+    return Runner(
+        model=Toy(), work_dir=work_dir,
+        train_dataloader=dict(dataset=_NoisyDataset(), batch_size=2,
+                              sampler=dict(type='DefaultSampler', shuffle=True),
+                              collate_fn=dict(type='default_collate'),
+                              num_workers=0),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3,
+                                           by_epoch=False)),
+        custom_hooks=[dict(type='RandomStateHook')] if hook else [],
+        randomness=dict(seed=0), resume=resume, default_scope='mmengine',
+        log_level='WARNING')
+
+
+def _final_weights(tmp_path, hook: bool) -> tuple:
+    full = _toy_runner(str(tmp_path / f'full{hook}'), 9, hook)
+    full.train()
+    split_dir = str(tmp_path / f'split{hook}')
+    _toy_runner(split_dir, 3, hook).train()
+    resumed = _toy_runner(split_dir, 9, hook, resume=True)
+    resumed.train()
+    return full.model.state_dict(), resumed.model.state_dict()
+
+
+def test_hook_makes_a_single_process_resume_exact(tmp_path):
+    full, resumed = _final_weights(tmp_path, hook=True)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    full, resumed = _final_weights(tmp_path, hook=False)
+    assert not all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_checkpoint_holds_every_rank_states(tmp_path):
+    _toy_runner(str(tmp_path / 'one'), 3, hook=True).train()
+    ckpt = CheckpointLoader.load_checkpoint(str(tmp_path / 'one' / 'iter_3.pth'))
+    states = ckpt['random_states']
+    assert len(states) == 1
+    assert {'torch', 'numpy', 'python'} <= set(states[0])
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped'])
+def test_damaged_checkpoint_is_refused_naming_it(tmp_path, damage):
+    path = tmp_path / 'iter_1.pth'
+    torch.save(dict(state_dict=dict(w=torch.randn(1000))), path)
+    data = bytearray(path.read_bytes())
+    if damage == 'truncated':
+        data = data[:len(data) // 2]
+    else:  # torch.load itself would load this silently
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFileError, match=f'cannot load checkpoint {path}'):
+        CheckpointLoader.load_checkpoint(str(path))
+
+
+def test_legacy_format_checkpoints_still_load(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save(dict(state_dict=dict(w=torch.ones(3))), path,
+               _use_new_zipfile_serialization=False)
+    loaded = CheckpointLoader.load_checkpoint(str(path))
+    assert torch.equal(loaded['state_dict']['w'], torch.ones(3))
