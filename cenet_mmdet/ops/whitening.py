@@ -4,7 +4,7 @@ Notation used throughout: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
 ``(N, G, d, L)`` with ``G`` groups of ``d`` contiguous channels and ``L = H * W``
 positions. For a contiguous NCHW tensor this view is free (no copy).
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -53,15 +53,51 @@ def sample_moments(x_grouped: Tensor,
     """
     if with_gram:
         return _GroupMoments.apply(x_grouped)
+    if _exporting() or not (torch.is_grad_enabled() and x_grouped.requires_grad):
+        return _instance_moments(x_grouped)
+    return _InstanceMoments.apply(x_grouped)
+
+
+def _exporting() -> bool:
+    """Traced for TorchScript/ONNX: plain functional ops only (exporters
+    cannot see into an autograd Function nor follow ``out=`` writes)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _instance_moments(x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
     sums = x_grouped.sum(dim=-1)
     return sums, torch.linalg.vector_norm(x_grouped, dim=-1).square()
+
+
+class _InstanceMoments(torch.autograd.Function):
+    r"""``x -> (sum_l x_l, sum_l x_l^2)`` with a one-pass backward
+    :math:`\partial/\partial x = g_s + 2 g_q x` (the norm's own backward
+    takes several passes over ``x``)."""
+
+    @staticmethod
+    def forward(ctx, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x_grouped)
+        return _instance_moments(x_grouped)
+
+    @staticmethod
+    def backward(ctx, grad_sums: Optional[Tensor],
+                 grad_squares: Optional[Tensor]) -> Tensor:
+        x_grouped, = ctx.saved_tensors
+        if grad_squares is None:
+            return grad_sums.unsqueeze(-1).expand_as(x_grouped).clone()
+        if grad_sums is None:
+            grad_sums = grad_squares.new_zeros(())
+        else:
+            grad_sums = grad_sums.unsqueeze(-1)
+        return torch.addcmul(grad_sums, x_grouped, 2 * grad_squares.unsqueeze(-1))
 
 
 class _GroupMoments(torch.autograd.Function):
     r"""``x -> (sum_l x_l, sum_l x_l x_l^T)`` with a one-matmul backward.
 
     Plain autograd differentiates the Gram matrix with two matmuls and a
-    strided add; here :math:`\partial/\partial x = (G + G^T) x + g_s 1^T`.
+    strided add; here :math:`\partial/\partial x = (G + G^T) x + g_s 1^T`,
+    one ``baddbmm``.
     """
 
     @staticmethod
@@ -76,13 +112,89 @@ class _GroupMoments(torch.autograd.Function):
     def backward(ctx, grad_sums: Optional[Tensor],
                  grad_gram: Optional[Tensor]) -> Tensor:
         x_grouped, = ctx.saved_tensors
+        n, groups, size, positions = x_grouped.shape
         if grad_gram is None:
-            grad_gram = x_grouped.new_zeros(x_grouped.shape[:-1] + x_grouped.shape[-2:-1])
+            return grad_sums.unsqueeze(-1).expand_as(x_grouped).clone()
         symmetric = grad_gram + grad_gram.transpose(-1, -2)  # (N, G, d, d)
-        grad = torch.matmul(symmetric, x_grouped)  # (N, G, d, L)
-        if grad_sums is not None:
-            grad = grad.add_(grad_sums.unsqueeze(-1))
-        return grad
+        if grad_sums is None:
+            grad_sums = grad_gram.new_zeros(n, groups, size)
+        # (N*G, d, d) @ (N*G, d, L) + (N*G, d, 1) -> (N*G, d, L)
+        grad = torch.baddbmm(grad_sums.reshape(n * groups, size, 1),
+                             symmetric.reshape(n * groups, size, size),
+                             x_grouped.reshape(n * groups, size, positions))
+        return grad.view(n, groups, size, positions)
+
+
+def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
+               out_shape: Sequence[int]) -> Tensor:
+    """``M_n x_n + c_n`` for every sample and group, in a new ``out_shape``
+    tensor (``(N, C, H, W)``, ``C * H * W = G * d * L``).
+
+    One ``baddbmm`` (the bias is added by the GEMM). The result is a fresh
+    tensor, not a view, so that callers may modify it in place (e.g. a
+    checkpointed block's in-place ReLU).
+
+    Args:
+        matrix: ``(N, G, d, d)``.
+        bias: ``(N, G, d, 1)``.
+        x_grouped: ``(N, G, d, L)``.
+        out_shape: the shape of the result.
+    """
+    if _exporting():
+        n, groups, size, positions = x_grouped.shape
+        return torch.baddbmm(bias.reshape(n * groups, size, 1),
+                             matrix.reshape(n * groups, size, size),
+                             x_grouped.reshape(n * groups, size, positions)
+                             ).reshape(out_shape)
+    needs_grad = torch.is_grad_enabled() and (
+        matrix.requires_grad or bias.requires_grad or x_grouped.requires_grad)
+    if needs_grad:
+        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape))
+    return _apply_maps(matrix, bias, x_grouped, out_shape)
+
+
+def _apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
+                out_shape: Sequence[int]) -> Tensor:
+    n, groups, size, positions = x_grouped.shape
+    out = x_grouped.new_empty(out_shape)
+    # (N*G, d, 1) + (N*G, d, d) @ (N*G, d, L) -> (N*G, d, L), written into out
+    torch.baddbmm(bias.reshape(n * groups, size, 1),
+                  matrix.reshape(n * groups, size, size),
+                  x_grouped.reshape(n * groups, size, positions),
+                  out=out.view(n * groups, size, positions))
+    return out
+
+
+class _ApplyMaps(torch.autograd.Function):
+    r"""``(M, c, x) -> M x + c`` per sample and group, with a backward of two
+    ``bmm`` and one sum: :math:`\partial M = g x^T`, :math:`\partial c =
+    \sum_l g`, :math:`\partial x = M^T g` (no copies of the activation)."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, bias: Tensor, x_grouped: Tensor,
+                out_shape: Tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(matrix, x_grouped)
+        return _apply_maps(matrix, bias, x_grouped, out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        matrix, x_grouped = ctx.saved_tensors
+        n, groups, size, positions = x_grouped.shape
+        batch = n * groups
+        grad_flat = grad_out.reshape(batch, size, positions)  # (N*G, d, L)
+        grad_matrix = grad_bias = grad_x = None
+        if ctx.needs_input_grad[0]:
+            # (N*G, d, L) @ (N*G, L, d) -> (N*G, d, d)
+            grad_matrix = torch.bmm(
+                grad_flat, x_grouped.reshape(batch, size, positions).transpose(1, 2)
+            ).view(n, groups, size, size)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_flat.sum(-1, keepdim=True).view(n, groups, size, 1)
+        if ctx.needs_input_grad[2]:
+            # (N*G, d, d)^T @ (N*G, d, L) -> (N*G, d, L)
+            grad_x = torch.bmm(matrix.reshape(batch, size, size).transpose(1, 2),
+                               grad_flat).view(n, groups, size, positions)
+        return grad_matrix, grad_bias, grad_x, None
 
 
 def inverse_sqrt_newton(covariance: Tensor,

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from cenet_mmdet.ops import (fold_channel_equilibrium, inverse_sqrt_newton,
-                             resolve_group_size, sample_moments)
+from cenet_mmdet.ops import (apply_maps, fold_channel_equilibrium,
+                             inverse_sqrt_newton, resolve_group_size,
+                             sample_moments, shifted_moments)
 
 
 def _well_conditioned(groups, size, condition, seed=0):
@@ -98,3 +99,64 @@ def test_moments_backward_matches_autograd():
     # only one of the outputs used
     assert torch.autograd.gradcheck(lambda t: sample_moments(t)[1], (x,))
     assert torch.autograd.gradcheck(lambda t: sample_moments(t)[0], (x,))
+
+
+def test_instance_moments_backward_matches_autograd():
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+
+    def moments(t):
+        return sample_moments(t, with_gram=False)
+    assert torch.autograd.gradcheck(moments, (x,))
+    assert torch.autograd.gradgradcheck(moments, (x,))
+    assert torch.autograd.gradcheck(lambda t: moments(t)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: moments(t)[1], (x,))
+
+
+def test_apply_maps_is_a_fresh_tensor_with_exact_gradients():
+    gen = torch.Generator().manual_seed(0)
+    n, groups, size, h, w = 2, 3, 4, 2, 3
+    matrix = torch.randn(n, groups, size, size, generator=gen, dtype=torch.float64)
+    bias = torch.randn(n, groups, size, 1, generator=gen, dtype=torch.float64)
+    x = torch.randn(n, groups, size, h * w, generator=gen, dtype=torch.float64)
+    shape = (n, groups * size, h, w)
+    expected = (matrix @ x + bias).reshape(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(apply_maps(matrix, bias, x, shape), expected)
+    inputs = tuple(t.clone().requires_grad_() for t in (matrix, bias, x))
+    out = apply_maps(*inputs, shape)
+    assert out._base is None and out.shape == shape
+    torch.testing.assert_close(out, expected)
+    assert torch.autograd.gradcheck(lambda m, b, t: apply_maps(m, b, t, shape), inputs)
+    # gradients only where asked
+    frozen = (matrix, bias, x.clone().requires_grad_())
+    apply_maps(*frozen, shape).sum().backward()
+    assert frozen[2].grad is not None
+
+
+def test_fold_with_per_sample_shift():
+    gen = torch.Generator().manual_seed(1)
+    n, groups, size, positions = 3, 2, 4, 5
+    x = torch.randn(n, groups, size, positions, generator=gen, dtype=torch.float64)
+    lam = torch.tensor(0.6, dtype=torch.float64)
+    whitening = torch.randn(groups, size, size, generator=gen, dtype=torch.float64)
+    k = torch.rand(n, groups, size, generator=gen, dtype=torch.float64)
+    a = torch.rand(groups, size, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(n, groups, size, generator=gen, dtype=torch.float64)
+    mu = torch.randn(groups, size, generator=gen, dtype=torch.float64)
+    y = a[..., None] * x + b[..., None]
+    expected = lam * whitening @ (y - mu[..., None]) + k[..., None] * y
+    matrix, bias = fold_channel_equilibrium(lam, whitening, k, a, b, mu)
+    torch.testing.assert_close(matrix @ x + bias, expected)
+
+
+def test_shifted_moments_are_the_moments_about_the_reference():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 4, 6, generator=gen, dtype=torch.float64) * 3 + 5
+    shift = x[..., :1]
+    reference = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    sums, gram = sample_moments(x - shift)
+    ref_sums, ref_gram = shifted_moments(sums, gram, shift.squeeze(-1) - reference,
+                                         x.size(-1))
+    about = x - reference[..., None]
+    torch.testing.assert_close(ref_sums, about.sum(-1))
+    torch.testing.assert_close(ref_gram, about @ about.transpose(-1, -2))

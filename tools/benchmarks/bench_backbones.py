@@ -2,49 +2,59 @@
 world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
-        [--size 224] [--device cpu|cuda]
+        [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
+        [--kinds BN CE SyncCE released]
 
-Prints a markdown table: eval forward and train step (forward + backward)
-median times, images/s, ratios to the plain ResNet of the same depth measured
-in the same run, and peak memory (CUDA only).
+All models of one depth are built once; every repeat times each of them once
+(interleaved, rotating order: see common.py), first in eval, then for a train
+step (forward + backward). Prints a markdown table: median times, images/s,
+the median per-repeat ratio to the plain ResNet with its min-max spread, and
+peak memory (CUDA only).
 """
 import argparse
 
 import torch
 from torch import nn
 
-from common import machine_line, markdown_table, peak_memory_mb, time_fn
+from common import (interleaved_times, machine_line, markdown_table, median_ms,
+                    peak_memory_mb, pin_threads, ratio)
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.testing.released_ce import swap_in_released_ce
 from mmdet.registry import MODELS
 
+KINDS = {
+    'BN': 'ResNet (BN)',
+    'CE': 'CEResNet (CE)',
+    'SyncCE': 'CEResNet (SyncCE, ws=1)',
+    'released': 'CEResNet (released autograd)',
+}
+
 
 def build(kind: str, depth: int) -> nn.Module:
     cfg = dict(type='ResNet', depth=depth, out_indices=(0, 1, 2, 3))
-    if kind != 'ResNet (BN)':
+    if kind != 'BN':
         cfg.update(type='CEResNet')
-    if kind == 'CEResNet (SyncCE, ws=1)':
+    if kind == 'SyncCE':
         cfg.update(ce_cfg=dict(type='SyncCE'))
     model = MODELS.build(cfg)
-    if kind == 'CEResNet (released autograd)':
+    if kind == 'released':
         swap_in_released_ce(model)
     return model
 
 
-def measure(model, x, device, warmup, repeat):
-    model.eval()
-    with torch.no_grad():
-        eval_time = time_fn(lambda: model(x), device, warmup, repeat)
-    model.train()
+def eval_fn(model: nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
 
-    def step():
+
+def train_fn(model: nn.Module, x: torch.Tensor):
+    def run():
         outs = model(x)
         sum(o.float().mean() for o in outs).backward()
-
-    train_time = time_fn(step, device, warmup, repeat)
-    memory = peak_memory_mb(step, device)
-    return eval_time, train_time, memory
+    return run
 
 
 def main() -> None:
@@ -53,37 +63,46 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--repeat', type=int, default=5)
-    parser.add_argument('--no-released', action='store_true',
-                        help='skip the (slow) released-transcription row')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeat', type=int, default=15)
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch intra-op threads (default: all cores)')
+    parser.add_argument('--kinds', nargs='+', choices=list(KINDS),
+                        default=['BN', 'CE', 'SyncCE'])
     args = parser.parse_args()
-    kinds = ['ResNet (BN)', 'CEResNet (CE)', 'CEResNet (SyncCE, ws=1)']
-    if not args.no_released:
-        kinds.append('CEResNet (released autograd)')
+    pin_threads(args.threads)
+    kinds = ['BN'] + [k for k in args.kinds if k != 'BN']
     rows = []
     for depth in args.depths:
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-        results = {}
+        models = {kind: build(kind, depth).to(args.device) for kind in kinds}
+        for model in models.values():
+            model.eval()
+        evals = interleaved_times(
+            {k: eval_fn(m, x) for k, m in models.items()}, args.device,
+            args.warmup, args.repeat)
+        for model in models.values():
+            model.train()
+        trains = interleaved_times(
+            {k: train_fn(m, x) for k, m in models.items()}, args.device,
+            args.warmup, args.repeat)
         for kind in kinds:
-            model = build(kind, depth).to(args.device)
-            results[kind] = measure(model, x, args.device, args.warmup, args.repeat)
-            del model
-        base_eval, base_train, _ = results['ResNet (BN)']
-        for kind in kinds:
-            ev, tr, mem = results[kind]
+            memory = peak_memory_mb(train_fn(models[kind], x), args.device)
             rows.append([
-                f'R-{depth}', kind, f'{ev * 1e3:.0f}', f'{args.batch / ev:.1f}',
-                f'{ev / base_eval:.2f}x', f'{tr * 1e3:.0f}', f'{args.batch / tr:.1f}',
-                f'{tr / base_train:.2f}x',
-                '-' if mem != mem else f'{mem:.0f}'
+                f'R-{depth}', KINDS[kind], f'{median_ms(evals[kind]):.0f}',
+                f'{args.batch * 1e3 / median_ms(evals[kind]):.1f}',
+                str(ratio(evals, kind, 'BN')), f'{median_ms(trains[kind]):.0f}',
+                f'{args.batch * 1e3 / median_ms(trains[kind]):.1f}',
+                str(ratio(trains, kind, 'BN')),
+                '-' if memory != memory else f'{memory:.0f}'
             ])
-    print(f'Backbone benchmark, batch {args.batch}, {args.size}x{args.size}; '
-          f'{machine_line(args.device)}\n')
+        del models
+    print(f'Backbone benchmark, batch {args.batch}, {args.size}x{args.size}, '
+          f'{args.repeat} interleaved repeats; {machine_line(args.device)}\n')
     print(markdown_table([
-        'depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN', 'train ms',
-        'train img/s', 'train / BN', 'peak MB'
+        'depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN (min-max)',
+        'train ms', 'train img/s', 'train / BN (min-max)', 'peak MB'
     ], rows))
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import (fold_channel_equilibrium, inverse_sqrt_newton,
+from ...ops import (apply_maps, fold_channel_equilibrium, inverse_sqrt_newton,
                     resolve_group_size, sample_moments, shifted_moments)
 
 WHITENING_MODES = ('released', 'paper')
@@ -253,11 +253,8 @@ class CE(nn.BatchNorm2d):
                 matrix, bias = self._train_maps(x_shifted, shift.squeeze(-1), h, w)
             else:
                 matrix, bias = self._eval_maps(x_shifted, shift.squeeze(-1))
-            # (N, G, d, d) @ (N, G, d, L) -> (N, G, d, L) -> (N, C, H, W), plus
-            # the (N, C, 1, 1) bias out of place: the result is not a view
-            # (callers such as checkpointed blocks may modify it in place).
-            out = torch.matmul(matrix, x_shifted).view(n, c, h, w)
-            out = torch.add(out, bias.view(n, c, 1, 1))
+            # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
+            out = apply_maps(matrix, bias, x_shifted, (n, c, h, w))
         return out.to(x.dtype)
 
     def _bn_scale(self, var: Tensor) -> Tensor:
