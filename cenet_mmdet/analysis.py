@@ -59,6 +59,11 @@ DEFAULT_THRESHOLD = 1e-3
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 
+class AnalysisError(ValueError):
+    """A user error (arguments, model, layer names): the tools print its
+    message and exit with status 1, without a traceback."""
+
+
 # --------------------------------------------------------------------------
 # command-line inputs
 # --------------------------------------------------------------------------
@@ -83,11 +88,11 @@ def parse_model_specs(items: Sequence[str],
         One :class:`ModelSpec` per pair, in order.
 
     Raises:
-        ValueError: an odd number of items, a label count that differs from
+        AnalysisError: an odd number of items, a label count that differs from
             the number of pairs, or repeated labels.
     """
     if not items or len(items) % 2:
-        raise ValueError(
+        raise AnalysisError(
             f'expected CONFIG CHECKPOINT pairs, got {len(items)} path(s): '
             f'{list(items)}; give each config followed by its checkpoint')
     configs, checkpoints = list(items[0::2]), list(items[1::2])
@@ -96,11 +101,11 @@ def parse_model_specs(items: Sequence[str],
         labels = [s if stems.count(s) == 1 else f'{s}#{i + 1}'
                   for i, s in enumerate(stems)]
     elif len(labels) != len(configs):
-        raise ValueError(
+        raise AnalysisError(
             f'{len(labels)} label(s) {list(labels)} for {len(configs)} '
             f'CONFIG CHECKPOINT pair(s): give one label per pair')
     if len(set(labels)) != len(labels):
-        raise ValueError(f'labels must be unique, got {list(labels)}')
+        raise AnalysisError(f'labels must be unique, got {list(labels)}')
     return [ModelSpec(label, config, ckpt)
             for label, config, ckpt in zip(labels, configs, checkpoints)]
 
@@ -115,7 +120,7 @@ def get_resnet_backbone(model: nn.Module) -> nn.Module:
         model: a detector (possibly wrapped, e.g. in DDP) or a backbone.
 
     Raises:
-        TypeError: the backbone is not a ``ResNet`` (or subclass, such as
+        AnalysisError: the backbone is not a ``ResNet`` (or subclass, such as
             ``CEResNet``).
     """
     from mmdet.models.backbones import ResNet
@@ -123,7 +128,7 @@ def get_resnet_backbone(model: nn.Module) -> nn.Module:
     backbone = model if isinstance(model, ResNet) else getattr(
         model, 'backbone', None)
     if not isinstance(backbone, ResNet):
-        raise TypeError(
+        raise AnalysisError(
             f'the channel analysis tools need a ResNet or CEResNet backbone; '
             f'this model\'s backbone is {type(backbone).__name__}')
     return backbone
@@ -168,7 +173,7 @@ def resolve_norm_layers(backbone: nn.Module,
     optional).
 
     Raises:
-        ValueError: a name that is not a BN-type layer of the backbone (the
+        AnalysisError: a name that is not a BN-type layer of the backbone (the
             message lists the available names).
     """
     available = dict(norm_layers(backbone))
@@ -177,7 +182,7 @@ def resolve_norm_layers(backbone: nn.Module,
         key = name[len('backbone.'):] if name.startswith('backbone.') else name
         if key not in available:
             listing = ', '.join(available)
-            raise ValueError(
+            raise AnalysisError(
                 f'{name!r} is not a norm layer of the {type(backbone).__name__} '
                 f'backbone; available: {listing}')
         resolved.append((key, available[key]))
@@ -255,11 +260,15 @@ def backbone_gamma_sparsity(backbone: nn.Module,
 
 
 def _relu_labels(backbone: nn.Module) -> Dict[str, List[str]]:
-    """For each ReLU module of the backbone, the label of each of its calls
-    in a forward pass (the norm it follows)."""
+    """For each ReLU module of the backbone's feature path, the label of each
+    of its calls in a forward pass (the norm it follows). ReLUs inside norm
+    layers (the AII gate of a CE layer) are not feature maps and are left
+    out."""
+    norm_prefixes = [name + '.' for name, _ in norm_layers(backbone)]
     labels = {}
     for name, module in backbone.named_modules():
-        if not isinstance(module, nn.ReLU):
+        if not isinstance(module, nn.ReLU) or any(
+                name.startswith(prefix) for prefix in norm_prefixes):
             continue
         parent_name, _, attr = name.rpartition('.')
         parent = backbone.get_submodule(parent_name) if parent_name else backbone
@@ -272,11 +281,10 @@ def _relu_labels(backbone: nn.Module) -> Dict[str, List[str]]:
             prefix = f'{parent_name}.'
             labels[name] = ([f'{prefix}{n}+relu' for n in norms[:-1]]
                             + [f'{prefix}{norms[-1]}+add+relu'])
-        elif isinstance(parent, nn.Sequential) and attr.isdigit() \
-                and int(attr) > 0:  # deep stem: conv, norm, relu
-            labels[name] = [f'{parent_name}.{int(attr) - 1}+relu']
+        elif parent_name == 'stem' and attr.isdigit():  # deep stem
+            labels[name] = [f'stem.{int(attr) - 1}+relu']
         else:
-            labels[name] = [f'{name}']
+            labels[name] = [name]
     return labels
 
 
@@ -298,7 +306,7 @@ class ActivationSparsityMeter:
     def __init__(self, backbone: nn.Module, num_maps: int,
                  threshold: float = DEFAULT_THRESHOLD) -> None:
         if num_maps < 1:
-            raise ValueError(f'num_maps must be >= 1, got {num_maps}')
+            raise AnalysisError(f'num_maps must be >= 1, got {num_maps}')
         self.backbone = backbone
         self.num_maps = num_maps
         self.threshold = threshold
@@ -368,7 +376,7 @@ def layer_seed(name: str, seed: int) -> int:
 def num_ablated(num_channels: int, ratio: float) -> int:
     """``round(ratio * C)`` (halves up), for ``0 <= ratio <= 1``."""
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f'ablation ratio must be in [0, 1], got {ratio}')
+        raise AnalysisError(f'ablation ratio must be in [0, 1], got {ratio}')
     return int(math.floor(ratio * num_channels + 0.5 + 1e-9))
 
 
@@ -508,7 +516,7 @@ def principal_components(samples: Tensor, num_components: int) -> Dict:
         ``projections`` ``(M, K)``, all float64.
     """
     if samples.dim() != 2 or samples.size(0) < 2:
-        raise ValueError(f'PCA needs (M, C) samples with M >= 2, got shape '
+        raise AnalysisError(f'PCA needs (M, C) samples with M >= 2, got shape '
                          f'{tuple(samples.shape)}')
     x = samples.double()
     centred = x - x.mean(0, keepdim=True)
@@ -562,6 +570,7 @@ def build_detector(cfg, checkpoint: str, device: str = 'cpu') -> nn.Module:
     from mmdet.registry import MODELS
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     model = MODELS.build(cfg.model)
+    get_resnet_backbone(model)  # refuse other backbones before loading
     model = revert_sync_batchnorm(model)
     load_checkpoint(model, checkpoint, map_location='cpu')
     return model.to(device).eval()
@@ -651,6 +660,17 @@ def add_model_arguments(parser, out_dir: str) -> None:
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings of every config, as in tools/test.py '
         '(put it last on the command line)')
+
+
+def run_tool(main: Callable, argv: Optional[Sequence[str]] = None):
+    """Run a tool's ``main``; an :class:`AnalysisError` becomes its message
+    on stderr and exit status 1."""
+    import sys
+    try:
+        return main(argv)
+    except AnalysisError as err:
+        print(f'error: {err}', file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def default_device() -> str:

@@ -77,7 +77,7 @@ def test_backbone_check_and_layer_names():
     assert analysis.get_resnet_backbone(wrapped) is backbone
     other = nn.Module()
     other.backbone = nn.Conv2d(3, 8, 3)
-    with pytest.raises(TypeError, match='ResNet or CEResNet backbone; this '
+    with pytest.raises(analysis.AnalysisError, match='ResNet or CEResNet backbone; this '
                        "model's backbone is Conv2d"):
         analysis.get_resnet_backbone(other)
 
@@ -172,6 +172,15 @@ def test_backbone_gamma_sparsity_per_layer_and_pooled():
                    if r['type'] == 'CE')
     assert result['gamma_sparsity'] == 7 / total
     assert result['gamma_hat_sparsity'] == 5 / ce_total
+
+
+def test_activation_sparsity_skips_relus_inside_ce_layers():
+    backbone = tiny_backbone(ce=True)
+    meter = analysis.ActivationSparsityMeter(backbone, num_maps=3)
+    with torch.no_grad(), meter:
+        backbone(torch.randn(1, 3, 64, 64))
+    # the AII gate's ReLU (bn1.ce.aii.gate.2) is not a feature map
+    assert meter.names == ['bn1+relu', 'layer1.0.bn1+relu', 'layer1.0.bn2+relu']
 
 
 def test_activation_sparsity_labels_and_direct_values():

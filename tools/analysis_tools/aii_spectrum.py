@@ -78,8 +78,9 @@ def analyse_model(spec: analysis.ModelSpec, args: argparse.Namespace,
     results = []
     for (name, module), samples in zip(layers, recorder.inputs().values()):
         if samples.size(0) < 2:
-            raise ValueError(f'{spec.label}: {samples.size(0)} image(s) in the '
-                             'test set; a PCA needs at least 2')
+            raise analysis.AnalysisError(
+                f'{spec.label}: {samples.size(0)} image(s) in the '
+                'test set; a PCA needs at least 2')
         pca = analysis.principal_components(samples, args.num_components)
         results.append(dict(
             name=name, type=type(module).__name__,
@@ -163,4 +164,4 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 if __name__ == '__main__':
-    main()
+    analysis.run_tool(main)
