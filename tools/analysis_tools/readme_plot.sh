@@ -10,11 +10,14 @@
 # one is missing, synthetic_ap.sh trains both with the same environment
 # (ITERS, NUM_TRAIN, NUM_VAL, ...; VAL_INTERVAL defaults to ITERS here). The
 # README figure was made with a short, affordable budget (see the README):
-#   ITERS=30 NUM_VAL=20 bash tools/analysis_tools/readme_plot.sh work_dirs/readme_plot
+#   ITERS=30 NUM_VAL=20 RATIOS="0 0.3 0.6" ABLATION_IMAGES=10 \
+#       bash tools/analysis_tools/readme_plot.sh work_dirs/readme_plot
 #
 # Environment: PYTHON, ITERS (default 300), DATA, NUM_TRAIN, NUM_VAL, SIZE,
 # SEED (as synthetic_ap.sh), NUM_IMAGES (sparsity images, default 8),
 # AII_IMAGES (default 32), RATIOS (default "0 0.1 0.2 0.3 0.4 0.5 0.6"),
+# ABLATION_IMAGES (evaluate the ablation on the first N validation images;
+# default: all),
 # FIGURE (default docs/figures/channel_sparsity_synthetic.png; empty: no copy).
 set -eo pipefail
 
@@ -30,6 +33,10 @@ main() {
   NUM_IMAGES=${NUM_IMAGES:-8}
   AII_IMAGES=${AII_IMAGES:-32}
   RATIOS=${RATIOS:-"0 0.1 0.2 0.3 0.4 0.5 0.6"}
+  ABLATION_OPTIONS=()
+  if [ -n "$ABLATION_IMAGES" ]; then
+    ABLATION_OPTIONS=("test_dataloader.dataset.indices=$ABLATION_IMAGES")
+  fi
   FIGURE=${FIGURE-docs/figures/channel_sparsity_synthetic.png}
   OUT="$WORK_DIR/channel_analysis"
   BN_CKPT="$WORK_DIR/bn/iter_$ITERS.pth"
@@ -51,7 +58,8 @@ main() {
     --out-dir "$OUT" --num-images "$NUM_IMAGES" --cfg-options "${OPTIONS[@]}"
   # shellcheck disable=SC2086
   $PYTHON "$TOOLS/channel_ablation.py" "${MODELS[@]}" --labels BN CE \
-    --out-dir "$OUT" --ratios $RATIOS --cfg-options "${OPTIONS[@]}"
+    --out-dir "$OUT" --ratios $RATIOS \
+    --cfg-options "${OPTIONS[@]}" "${ABLATION_OPTIONS[@]}"
   $PYTHON "$TOOLS/aii_spectrum.py" "${MODELS[@]}" --labels BN CE \
     --out-dir "$OUT" --num-images "$AII_IMAGES" \
     --layers bn1 layer1.0.bn3 layer2.0.bn3 layer3.0.bn3 \
