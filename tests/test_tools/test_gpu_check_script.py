@@ -192,3 +192,12 @@ def test_cuda_test_modules_are_marked_and_import_without_cuda(name):
         sys.path.remove(osp.dirname(path))
     marks = {mark.name for mark in module.pytestmark}
     assert marks == {'cuda', 'skipif'}
+
+
+def test_script_parses_and_is_bounded():
+    assert subprocess.run(['bash', '-n', SCRIPT]).returncode == 0
+    with open(SCRIPT) as f:
+        text = f.read()
+    assert 'set -uo pipefail' in text
+    assert 'BUDGET_S="${GPU_CHECK_BUDGET_S:-600}"' in text
+    assert '${CENET_VENV:-.venv}' in text
