@@ -34,6 +34,13 @@ BUFFERS = ('running_mean', 'running_var', 'ce.running_mean',
            'ce.running_whitening', 'ce.aii.running_scale')
 
 
+def skip_unsupported(dtype: torch.dtype) -> None:
+    """bf16 autocast needs a GPU that supports it (Ampere or later)."""
+    if (dtype == torch.bfloat16 and DEVICE == 'cuda'
+            and not torch.cuda.is_bf16_supported()):
+        pytest.skip('no bfloat16 on this GPU')
+
+
 @pytest.fixture(autouse=True)
 def _full_fp32():
     """The float32 runs compared against are full float32 (no TF32)."""
@@ -56,7 +63,7 @@ def run(layer: CE, x: Tensor, weight: Tensor, dtype: torch.dtype = None
     """Training forward/backward (under autocast to ``dtype`` if given):
     output, input gradient, parameter gradients."""
     x = x.clone().requires_grad_()
-    with torch.autocast(DEVICE, dtype=dtype or torch.float32,
+    with torch.autocast(DEVICE, dtype=dtype or torch.float16,
                         enabled=dtype is not None):
         out = layer(x)
     (out.float() * weight).sum().backward()
@@ -66,6 +73,7 @@ def run(layer: CE, x: Tensor, weight: Tensor, dtype: torch.dtype = None
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('group_size,offset', [(64, 0.0), (16, 0.0), (16, 30.0)])
 def test_ce_under_autocast_matches_float32(dtype, group_size, offset):
+    skip_unsupported(dtype)
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(4, 64, 20, 20, generator=gen) * 2 + offset).to(DEVICE)
     x_low = x.to(dtype)  # what a convolution under autocast hands over
@@ -107,6 +115,7 @@ def test_ce_resnet50_narrow_under_autocast(dtype):
     in the autocast dtype, finite outputs and gradients, running buffers
     float32 and finite. (Accuracy is checked per layer above: this untrained
     network amplifies round-off, its float32 input gradient errs by 8e-2.)"""
+    skip_unsupported(dtype)
     torch.manual_seed(0)
     model = CEResNet(depth=50, base_channels=8, norm_eval=False).to(DEVICE).train()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -315,3 +315,21 @@ def test_tf32_context_restores_the_settings():
         assert torch.get_float32_matmul_precision() == 'high'
     assert (torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32) == before
+
+
+def test_tf32_context_is_in_effect_for_plain_matmuls():
+    """Control for the TF32 test above: a plain float32 matmul under the same
+    context does lose precision (TF32 keeps 10 mantissa bits: ~5e-4 relative;
+    full float32: ~1e-7), so a CE that passed there keeps float32 itself."""
+    if DEVICE != 'cuda' or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip('TF32 needs an Ampere or later GPU')
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(16, 64, 784, generator=gen, dtype=torch.float64)
+    b = torch.randn(16, 784, 64, generator=gen, dtype=torch.float64)
+    expected = a @ b
+    a32, b32 = a.float().to(DEVICE), b.float().to(DEVICE)
+    with TF32Matmuls():
+        tf32 = a32 @ b32
+    full = a32 @ b32
+    assert relative_error(full, expected) < 2e-6
+    assert relative_error(tf32, expected) > 2e-5

@@ -118,16 +118,18 @@ def test_steps_results_and_summary(tmp_path):
     proc = source_and_run(tmp_path, '''
 run_step good 30 . bash -c 'echo "3 passed in 1.0s"'; pytest_keys good
 run_step bad 30 . bash -c 'echo "1 failed, 2 passed in 1.0s"; exit 1'; pytest_keys bad
-run_step skipped 30 . bash -c 'echo "3 skipped in 0.1s"'; pytest_keys skipped
+run_step skipped 30 . bash -c 'echo "SKIPPED [3] t.py:1: needs a CUDA device"; echo "3 skipped in 0.1s"'; pytest_keys skipped
+run_step bf16 30 . bash -c 'echo "SKIPPED [1] t.py:1: no bfloat16 on this GPU"; echo "2 passed, 1 skipped in 0.1s"'; pytest_keys bf16
 run_step slow 1 . sleep 20
 summary; echo "summary=$?"''')
     out = proc.stdout
     assert '| good | PASS |' in out and '| 3 passed in 1.0s |' in out
     assert '| bad | FAIL (exit 1) |' in out
     assert '| skipped | FAIL (tests skipped) |' in out  # CUDA tests must run
+    assert '| bf16 | PASS |' in out  # other skips are fine
     assert '| slow | FAIL (timeout 1s) |' in out
     assert out.rstrip().endswith('summary=1')
-    assert (tmp_path / 'out' / 'summary.md').read_text().count('\n| ') == 5
+    assert (tmp_path / 'out' / 'summary.md').read_text().count('\n| ') == 6
     assert (tmp_path / 'out' / 'bad.log').read_text().startswith('1 failed')
 
 
