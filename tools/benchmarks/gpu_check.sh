@@ -59,8 +59,9 @@ refuse() {  # message: nothing is run, exit 2
 check_environment() {
   [ -x "$PY" ] || refuse "no Python environment at $VENV (set CENET_VENV, or run 'bash tools/setup_env.sh')"
   local probe
-  probe="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()), torch.__version__, torch.version.cuda)' 2>&1)" \
-    || refuse "cannot import torch with $PY: $probe"
+  # stdout's last line only: warnings on stderr do not disturb the answer
+  probe="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()), torch.__version__, torch.version.cuda)' 2>/dev/null | tail -n 1)"
+  [ -n "$probe" ] || refuse "cannot import torch with $PY (try: $PY -c 'import torch')"
   if [ "${probe%% *}" != "1" ]; then
     refuse "no CUDA device: torch.cuda.is_available() is False (torch ${probe#* }). This check needs a machine with a GPU; nothing was run. (GPU_CHECK_DRY_RUN=1 prints the commands.)"
   fi
