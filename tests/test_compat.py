@@ -23,8 +23,12 @@ class _Toy(nn.Module):
 
     def forward(self, inputs, targets=None, mode='loss'):
         inputs = torch.stack(inputs) if isinstance(inputs, list) else inputs
+        # MMEngine's Runner moves the model to CUDA when there is one, and the
+        # Identity preprocessor leaves the data where the loader made them
+        inputs = inputs.to(self.linear.weight.device)
         out = self.linear(inputs)
         if mode == 'loss':
+            targets = targets.to(out.device)
             return dict(loss=((out.squeeze(-1) - targets) ** 2).mean())
         return out
 

@@ -1,0 +1,205 @@
+"""tools/benchmarks/gpu_check.sh and cuda_peak.py, on any machine.
+
+* Without CUDA (``CUDA_VISIBLE_DEVICES=''`` forces that on a GPU machine too)
+  the script refuses with exit status 2 and a clear message, running nothing.
+* ``GPU_CHECK_DRY_RUN=1`` prints the commands: they name existing files, the
+  CUDA tests with ``-m cuda``, the benchmarks with ``--device cuda`` and the
+  20-iteration AMP training of the SyncCE smoke config.
+* Its step runner, key-number parsers and summary, sourced and driven with
+  stand-in commands and logs: PASS/FAIL/timeout, exit status, table.
+* The CUDA test modules carry the ``cuda`` marker and import without CUDA.
+"""
+import importlib.util
+import os
+import os.path as osp
+import shlex
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+SCRIPT = osp.join(REPO, 'tools', 'benchmarks', 'gpu_check.sh')
+PEAK = osp.join(REPO, 'tools', 'benchmarks', 'cuda_peak.py')
+VENV = osp.dirname(osp.dirname(sys.executable))
+STEPS = ['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones',
+         'bench_detector', 'synthetic_data', 'train_amp']
+
+
+def script_env(tmp_path, **extra: str) -> Dict[str, str]:
+    env = dict(os.environ, CENET_VENV=VENV, OUT_DIR=str(tmp_path / 'out'),
+               CUDA_VISIBLE_DEVICES='')
+    env.pop('GPU_CHECK_DRY_RUN', None)
+    env.update(extra)
+    return env
+
+
+def run_script(env: Dict[str, str], timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(['bash', SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_refuses_without_cuda(tmp_path):
+    proc = run_script(script_env(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'no CUDA device' in proc.stderr
+    assert 'torch.cuda.is_available() is False' in proc.stderr
+    assert not (tmp_path / 'out').exists()  # nothing was run
+
+
+def test_refuses_without_environment(tmp_path):
+    proc = run_script(script_env(tmp_path, CENET_VENV=str(tmp_path / 'none')))
+    assert proc.returncode == 2
+    assert f'no Python environment at {tmp_path / "none"}' in proc.stderr
+
+
+def dry_run_commands(tmp_path, **extra: str) -> Dict[str, List[str]]:
+    proc = run_script(script_env(tmp_path, GPU_CHECK_DRY_RUN='1', **extra))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith('[dry-run] '):
+            head, command = line[len('[dry-run] '):].split(': ', 1)
+            commands[head.split()[0]] = shlex.split(command)
+    return commands
+
+
+def test_dry_run_names_the_right_files(tmp_path):
+    commands = dry_run_commands(tmp_path)
+    assert list(commands) == STEPS
+    python = osp.join(VENV, 'bin', 'python')
+    for name, argv in commands.items():
+        assert argv[0] == python, name
+        for arg in argv[1:]:  # every repository path named exists
+            if arg.startswith(('tests/', 'tools/', 'configs/', REPO)):
+                path = arg if osp.isabs(arg) else osp.join(REPO, arg)
+                assert osp.exists(path) or 'work_dirs' in path, (name, arg)
+    for name, test_file in [('cuda_layers', 'test_cuda_ce.py'),
+                            ('cuda_amp', 'test_cuda_amp.py'),
+                            ('cuda_sync_ce', 'test_cuda_sync_ce.py')]:
+        argv = commands[name]
+        assert argv[1:3] == ['-m', 'pytest'] and '-m' in argv[3:], name
+        assert argv[argv.index('-m', 3) + 1] == 'cuda'
+        assert argv[-1] == f'tests/test_cuda/{test_file}'
+    for name in ('bench_backbones', 'bench_detector'):
+        argv = commands[name]
+        assert argv[1] == 'tools/benchmarks/cuda_peak.py'
+        assert argv[2] == f'tools/benchmarks/{name}.py'
+        assert argv[argv.index('--device') + 1] == 'cuda'
+    data = commands['synthetic_data']
+    assert data[1] == 'tools/misc/make_synthetic_coco.py'
+    train = commands['train_amp']
+    assert train[1:3] == [osp.join(REPO, 'tools', 'train.py'), osp.join(
+        REPO, 'configs', 'cenet', 'smoke', 'mask-rcnn_syncce-r50_fpn_shapes-smoke.py')]
+    assert '--amp' in train and 'train_cfg.max_iters=20' in train
+    # the data are written where the training runs (relative data_root)
+    assert data[2] == osp.join(str(tmp_path / 'out'), 'data_root', 'data',
+                               'synthetic_shapes')
+
+
+def test_dry_run_full_suite_option(tmp_path):
+    commands = dry_run_commands(tmp_path, GPU_CHECK_FULL_SUITE='1')
+    assert list(commands) == STEPS + ['full_suite']
+    assert commands['full_suite'][-1] == 'tests'
+
+
+def source_and_run(tmp_path, body: str) -> subprocess.CompletedProcess:
+    """Source the script (functions only) and run ``body`` in that shell."""
+    out = tmp_path / 'out'
+    out.mkdir(exist_ok=True)
+    program = (f'source {shlex.quote(SCRIPT)}\n'
+               f'OUT_DIR={shlex.quote(str(out))}\n{body}\n')
+    return subprocess.run(['bash', '-c', program], env=script_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_steps_results_and_summary(tmp_path):
+    proc = source_and_run(tmp_path, '''
+run_step good 30 . bash -c 'echo "3 passed in 1.0s"'; pytest_keys good
+run_step bad 30 . bash -c 'echo "1 failed, 2 passed in 1.0s"; exit 1'; pytest_keys bad
+run_step skipped 30 . bash -c 'echo "SKIPPED [3] t.py:1: needs a CUDA device"; echo "3 skipped in 0.1s"'; pytest_keys skipped
+run_step bf16 30 . bash -c 'echo "SKIPPED [1] t.py:1: no bfloat16 on this GPU"; echo "2 passed, 1 skipped in 0.1s"'; pytest_keys bf16
+run_step slow 1 . sleep 20
+summary; echo "summary=$?"''')
+    out = proc.stdout
+    assert '| good | PASS |' in out and '| 3 passed in 1.0s |' in out
+    assert '| bad | FAIL (exit 1) |' in out
+    assert '| skipped | FAIL (tests skipped) |' in out  # CUDA tests must run
+    assert '| bf16 | PASS |' in out  # other skips are fine
+    assert '| slow | FAIL (timeout 1s) |' in out
+    assert out.rstrip().endswith('summary=1')
+    assert (tmp_path / 'out' / 'summary.md').read_text().count('\n| ') == 6
+    assert (tmp_path / 'out' / 'bad.log').read_text().startswith('1 failed')
+
+
+def test_all_passing_steps_give_status_0(tmp_path):
+    proc = source_and_run(tmp_path, 'run_step a 30 . true\nsummary; echo "summary=$?"')
+    assert '| a | PASS |' in proc.stdout
+    assert proc.stdout.rstrip().endswith('summary=0')
+
+
+def test_spent_budget_fails_the_remaining_steps(tmp_path):
+    proc = source_and_run(tmp_path, 'BUDGET_S=5\nrun_step late 30 . true\n'
+                                    'summary; echo "summary=$?"')
+    assert '| late | FAIL (no time left) |' in proc.stdout
+    assert proc.stdout.rstrip().endswith('summary=1')
+
+
+@pytest.mark.parametrize('loss,result', [('2.3456', 'PASS'), ('nan', 'FAIL'),
+                                         ('inf', 'FAIL')])
+def test_training_log_needs_a_finite_loss_at_iteration_20(tmp_path, loss, result):
+    log = ('Iter(train) [19/20]  lr: 1e-3  memory: 1200  loss: 2.5000  loss_rpn_cls: 0.6\n'
+           f'Iter(train) [20/20]  lr: 1e-3  eta: 0:00:00  time: 0.2  '
+           f'memory: 1234  loss: {loss}  loss_rpn_cls: 0.5\n'
+           'Iter(val) [4/4]  coco/bbox_mAP: 0.0010  coco/segm_mAP: 0.0000\n')
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'train.log').write_text(log)
+    proc = source_and_run(tmp_path, 'RESULT[train]=PASS; train_keys train\n'
+                                    'echo "${RESULT[train]} | ${KEYS[train]}"')
+    assert proc.stdout.startswith(result), proc.stdout + proc.stderr
+    assert (f'iter 20 loss {loss}, memory 1234 MB, bbox mAP 0.0010'
+            in proc.stdout)
+
+
+def test_training_log_without_iteration_20_fails(tmp_path):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'train.log').write_text('Iter(train) [4/20]  loss: 2.0\n')
+    proc = source_and_run(tmp_path, 'RESULT[train]=PASS; train_keys train\n'
+                                    'echo "${RESULT[train]}"')
+    assert proc.stdout.startswith('FAIL (no finite loss at iteration 20)')
+
+
+def test_cuda_peak_runs_the_script_with_its_arguments(tmp_path):
+    script = tmp_path / 'tiny.py'
+    script.write_text('import sys\nprint("argv", sys.argv[1:])\nsys.exit(3)\n')
+    proc = subprocess.run([sys.executable, PEAK, str(script), '--device', 'x'],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    assert proc.returncode == 3
+    assert "argv ['--device', 'x']" in proc.stdout
+    assert 'peak CUDA memory allocated: n/a (CUDA not used)' in proc.stdout
+
+
+@pytest.mark.parametrize('name', ['test_cuda_ce.py', 'test_cuda_amp.py',
+                                  'test_cuda_sync_ce.py'])
+def test_cuda_test_modules_are_marked_and_import_without_cuda(name):
+    path = osp.join(REPO, 'tests', 'test_cuda', name)
+    sys.path.insert(0, osp.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location(f'_marked_{name[:-3]}', path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(osp.dirname(path))
+    marks = {mark.name for mark in module.pytestmark}
+    assert marks == {'cuda', 'skipif'}
+
+
+def test_script_parses_and_is_bounded():
+    assert subprocess.run(['bash', '-n', SCRIPT]).returncode == 0
+    with open(SCRIPT) as f:
+        text = f.read()
+    assert 'set -uo pipefail' in text
+    assert 'BUDGET_S="${GPU_CHECK_BUDGET_S:-600}"' in text
+    assert '${CENET_VENV:-.venv}' in text
