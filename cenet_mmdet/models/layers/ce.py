@@ -29,7 +29,8 @@ Design notes
   the AII batch scale is :math:`\\sqrt{\\max(\\bar v, \\epsilon)}`, and
   per-instance variances are clamped at 0.
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,29 @@ RELEASED_CE_KEYS = {
     'AR.fc.1.bias': 'aii.gate.1.bias',
     'AR.fc.3.weight': 'aii.gate.3.weight',
 }
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls(device_type: str) -> Iterator[None]:
+    """cuBLAS float32 matmuls in full float32 (no TF32) inside the block, so
+    that the Gram matrix and the Newton steps keep float32 accuracy when a user
+    enables TF32 globally. A no-op off CUDA and when TF32 is already off."""
+    if device_type != 'cuda':
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:  # torch >= 2.9: the per-backend setting, which cuBLAS reads
+        name, previous, full = 'fp32_precision', matmul.fp32_precision, 'ieee'
+    except AttributeError:
+        name, previous, full = 'allow_tf32', matmul.allow_tf32, False
+    if previous == full:
+        yield
+        return
+    setattr(matmul, name, full)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
 
 
 def _params_to_buffers(module: nn.Module) -> None:
@@ -237,7 +261,8 @@ class CE(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), \
+                _full_fp32_matmuls(x.device.type):
             x_compute = x.to(compute_dtype)
             n, c, h, w = x.shape
             # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
