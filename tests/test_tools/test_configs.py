@@ -118,6 +118,9 @@ def test_coco_config_changes_only_the_backbone(name):
     base_backbone = base['model'].pop('backbone')
     cfg.pop('custom_imports')
     base.pop('custom_imports', None)
+    # exact resume: the one runtime addition (tests/test_tools/test_exact_resume.py)
+    assert cfg.pop('custom_hooks') == [dict(type='RandomStateHook')]
+    assert base.pop('custom_hooks', []) == []
     assert cfg == base  # neck, heads, data, pipelines, schedule, runtime
     # the backbone: CEResNet with everything else of MMDetection's ResNet
     checkpoint = f'checkpoints/cenet_r{depth}_imagenet_mmdet.pth'
