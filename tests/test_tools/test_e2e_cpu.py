@@ -91,9 +91,8 @@ def checkpoint(path: str) -> Dict:
     return CheckpointLoader.load_checkpoint(path, map_location='cpu')
 
 
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('e2e'))
+def tool_env() -> Dict[str, str]:
+    """The environment of the tools' subprocesses."""
     env = dict(os.environ)
     env.update(
         PYTHON=sys.executable,
@@ -106,7 +105,15 @@ def workspace(tmp_path_factory):
         # the CPU (gloo) path on any machine: two processes cannot share one
         # GPU with NCCL
         CUDA_VISIBLE_DEVICES='')
-    env.pop('MASTER_PORT', None)
+    for name in ('MASTER_PORT', 'CENET_KILL'):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('e2e'))
+    env = tool_env()
     run([sys.executable, osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
          osp.join(root, 'data', 'synthetic_shapes'), '--train', '8', '--val',
          '4', '--size', '128', '--seed', '0'], root, env)

@@ -28,8 +28,8 @@ import cenet_mmdet  # noqa: E402,F401
 from cenet_mmdet.compat import CheckpointFileError  # noqa: E402
 from mmengine.runner.checkpoint import CheckpointLoader  # noqa: E402
 
-from test_e2e_cpu import (HERE, REPO, SYNC_CONFIG, checkpoint, free_port,  # noqa: E402
-                          run)
+from test_e2e_cpu import (REPO, SYNC_CONFIG, checkpoint, free_port,  # noqa: E402
+                          run, tool_env)
 
 ITERS = 8
 KILL_AFTER = 5
@@ -50,15 +50,7 @@ def tensors(ckpt: dict) -> dict:
 @pytest.fixture(scope='module')
 def workspace(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('resume'))
-    env = dict(os.environ)
-    env.update(
-        PYTHON=sys.executable,
-        PATH=osp.dirname(sys.executable) + os.pathsep + env.get('PATH', ''),
-        PYTHONPATH=HERE + os.pathsep + env.get('PYTHONPATH', ''),
-        OMP_NUM_THREADS='1',
-        CUDA_VISIBLE_DEVICES='')  # the CPU (gloo) path on any machine
-    env.pop('MASTER_PORT', None)
-    env.pop('CENET_KILL', None)
+    env = tool_env()
     run([sys.executable, osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
          osp.join(root, 'data', 'synthetic_shapes'), '--train', '8', '--val',
          '2', '--size', '128', '--seed', '0'], root, env)
