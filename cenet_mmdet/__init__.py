@@ -1,6 +1,8 @@
 """cenet-mmdet: Channel Equilibrium (CE) norm layers and CE-ResNet backbones
 for MMDetection. Importing the package registers ``CE``, ``SyncCE`` (root
-MMEngine ``MODELS``) and ``CEResNet`` (MMDetection ``MODELS``)."""
+MMEngine ``MODELS``), ``CEResNet`` (MMDetection ``MODELS``) and the ImageNet
+classification path of :mod:`cenet_mmdet.classification` (MMDetection's
+registries)."""
 from .compat import allow_mmengine_checkpoints, check_environment
 from .version import __version__
 
@@ -8,6 +10,7 @@ check_environment()
 allow_mmengine_checkpoints()
 
 from . import models  # noqa: E402,F401  (registration)
+from . import classification  # noqa: E402,F401  (registration)
 from .engine import patch_mmengine_sync_bn  # noqa: E402
 
 patch_mmengine_sync_bn()
