@@ -17,6 +17,7 @@ atomically; errors are :class:`cenet_mmdet.converters.ConversionError` and
 nothing is written.
 """
 import os.path as osp
+import pickle
 from collections import OrderedDict
 from typing import Dict, Mapping, Tuple
 
@@ -29,6 +30,25 @@ from ..converters import (ConversionError, convert_state_dict, infer_depth,
 
 BACKBONE_PREFIX = 'backbone.'
 HEAD_KEYS = ('head.fc.weight', 'head.fc.bias')
+
+
+def load_mmengine_checkpoint(path: str, unsafe_load: bool = False) -> object:
+    """Load an MMEngine checkpoint on CPU through MMEngine's loader, i.e. with
+    ``weights_only=True`` and the allow-list of :mod:`cenet_mmdet.compat` (its
+    message hub pickles ``HistoryBuffer`` methods), unless ``unsafe_load``."""
+    if unsafe_load or not osp.isfile(path):
+        return load_source(path, unsafe_load)
+    from mmengine.runner.checkpoint import CheckpointLoader
+    try:
+        return CheckpointLoader.load_checkpoint(path, map_location='cpu',
+                                                logger='silent')
+    except pickle.UnpicklingError as error:
+        raise ConversionError(
+            f'cannot read {path} with torch.load(weights_only=True): {error}\n'
+            f'If you trust this file, re-run with --unsafe-load.') from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConversionError(
+            f'cannot read {path} as a PyTorch checkpoint: {error}') from error
 
 
 def ce_layout(state: Mapping[str, Tensor]) -> Tuple[int, bool, Tuple[bool, ...]]:
@@ -86,7 +106,7 @@ def classifier_to_backbone(src: str, dst: str,
     """
     if osp.abspath(src) == osp.abspath(dst):
         raise ConversionError('SRC and DST are the same file')
-    checkpoint = load_source(src, unsafe_load)
+    checkpoint = load_mmengine_checkpoint(src, unsafe_load)
     state, _ = split_checkpoint(checkpoint)
     state = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
                         for k, v in state.items())

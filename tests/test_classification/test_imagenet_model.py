@@ -60,7 +60,10 @@ def test_configs_hold_the_paper_recipe():
     assert cfg.auto_scale_lr.base_batch_size == 256
     backbone = cfg.model.backbone
     assert backbone.ce_cfg == dict(type='CE')  # per-GPU covariance
-    assert backbone.norm_cfg.type == 'BN'
+    assert backbone.norm_cfg == dict(type='BN', requires_grad=True)
+    # mmdet's ResNet default is norm_eval=True: BN/CE statistics would never
+    # be trained
+    assert backbone.norm_eval is False and backbone.frozen_stages == -1
     assert 'stage_with_ce' not in backbone  # CEResNet's default by depth
     train = [t['type'] for t in cfg.train_dataloader.dataset.pipeline]
     assert train == ['LoadImageFromFile', 'RandomResizedCrop', 'RandomFlip',
@@ -100,6 +103,13 @@ def test_classifier_builds_and_runs(depth, num_ce):
     assert torch.allclose(data['inputs'], (rgb - mean) / std, atol=1e-5)
     losses = model(**data, mode='loss')
     assert set(losses) == {'loss'} and torch.isfinite(losses['loss'])
+    # every BN and CE layer trained its statistics in that forward
+    norms = [m for m in model.backbone.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) > num_ce
+    assert all(int(m.num_batches_tracked) == 1 for m in norms)
+    whitening = model.backbone.bn1.ce.running_whitening
+    assert not torch.allclose(whitening, torch.eye(64).expand_as(whitening))
     # cross-entropy of the logits (independent)
     model.eval()
     with torch.no_grad():

@@ -31,7 +31,11 @@ model = dict(
         num_stages=4,
         out_indices=(3, ),
         style='pytorch',
+        frozen_stages=-1,
         norm_cfg=dict(type='BN', requires_grad=True),
+        # mmdet's ResNet defaults to norm_eval=True (frozen statistics, the
+        # detection setting); classification trains every BN/CE statistic
+        norm_eval=False,
         ce_cfg=dict(type='CE')),
     # CE placement: CEResNet's default by depth (50: stem + stages 1-3, as the
     # released resnetv1ce50; 101: stem + stages 1-2)
