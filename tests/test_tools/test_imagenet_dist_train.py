@@ -14,6 +14,10 @@ checkpoint in the R-101 Mask R-CNN configs.
    backbone tensor equals the classifier's, none missing or unexpected.
 4. The same with ``prefix='backbone.'`` on the classifier checkpoint itself,
    in ``mask-rcnn_syncce-r101_fpn_2x_coco.py``.
+5. The README's evaluation of the released CE-ResNet-50: ``cenet2cls.py`` on
+   a released-format checkpoint (independent reference network), then
+   ``tools/test.py`` with the R-50 ImageNet config: the reported top-1/top-5
+   equal the reference network's on the same images.
 
 About 1-2 minutes on 2 cores; every subprocess has a timeout.
 """
@@ -198,3 +202,62 @@ def test_checkpoint_into_r101_mask_rcnn_with_prefix(trained):
                                  prefix='backbone.')
     detector.init_weights()
     assert_backbone_equals_classifier(detector, trained['checkpoint']['state_dict'])
+
+
+def test_released_r50_evaluated_with_test_script(trained, tmp_path):
+    """README path: cenet2cls.py on the released checkpoint, then
+    tools/test.py with the R-50 ImageNet config; the reported top-1/top-5
+    equal the reference network's on the same preprocessed images."""
+    from cenet_mmdet.testing.released_resnet import (ReleasedCEResNet,
+                                                     perturb_released_resnet_,
+                                                     released_checkpoint,
+                                                     train_released_resnet_)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    reference = ReleasedCEResNet(50, num_classes=NUM_CLASSES)
+    perturb_released_resnet_(reference, generator)
+    train_released_resnet_(reference, generator, steps=1, size=64)
+    with torch.no_grad():
+        reference.fc.weight.normal_(0, 1.0, generator=generator)
+    reference.eval()
+    src, dst = tmp_path / 'resnetv1ce50.pth.tar', tmp_path / 'r50_cls.pth'
+    torch.save(released_checkpoint(reference), src)
+    env = trained['env']
+    run([sys.executable, osp.join(REPO, 'tools', 'model_converters', 'cenet2cls.py'),
+         str(src), str(dst)], trained['root'], env)
+    config50 = osp.join(REPO, 'configs', 'cenet', 'imagenet',
+                        'ce-resnet50_8xb32_in1k.py')
+    work_dir = str(tmp_path / 'test_r50')
+    options = [f'model.head.num_classes={NUM_CLASSES}',
+               f'test_dataloader.dataset.data_root={trained["data_root"]}',
+               'test_dataloader.batch_size=3', 'test_dataloader.num_workers=0',
+               'test_dataloader.persistent_workers=False',
+               'test_dataloader.dataset.pipeline.1.scale=72',
+               'test_dataloader.dataset.pipeline.2.crop_size=64']
+    run([sys.executable, osp.join(REPO, 'tools', 'test.py'), config50, str(dst),
+         '--work-dir', work_dir, '--cfg-options'] + options, trained['root'], env)
+    records = []
+    for path in glob.glob(osp.join(work_dir, '*', '*.json')):
+        with open(path) as f:
+            records += [json.loads(line) for line in f if 'accuracy/top1' in line]
+    assert len(records) == 1, records
+    # reference: the released network on the same preprocessed images
+    from mmdet.registry import DATASETS, MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = Config.fromfile(config50)
+    cfg.merge_from_dict(dict(o.split('=', 1) for o in options[1:]
+                             if 'scale' not in o and 'crop_size' not in o))
+    cfg.test_dataloader.dataset.pipeline[1].scale = 72
+    cfg.test_dataloader.dataset.pipeline[2].crop_size = 64
+    dataset = DATASETS.build(cfg.test_dataloader.dataset)
+    preprocessor = MODELS.build(cfg.model.data_preprocessor)
+    batch = preprocessor(dict(inputs=[dataset[i]['inputs'] for i in range(len(dataset))],
+                              data_samples=[dataset[i]['data_samples']
+                                            for i in range(len(dataset))]), False)
+    with torch.no_grad():
+        logits = reference(batch['inputs'])
+    labels = torch.tensor([s.gt_label.item() for s in batch['data_samples']])
+    ranks = (logits > logits.gather(1, labels.view(-1, 1))).sum(1)
+    assert records[0]['accuracy/top1'] == pytest.approx(100 * (ranks < 1).float().mean().item())
+    assert records[0]['accuracy/top5'] == pytest.approx(100 * (ranks < 5).float().mean().item())
