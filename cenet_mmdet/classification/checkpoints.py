@@ -21,7 +21,6 @@ import pickle
 from collections import OrderedDict
 from typing import Dict, Mapping, Tuple
 
-import torch
 from torch import Tensor
 
 from ..converters import (ConversionError, convert_state_dict, infer_depth,

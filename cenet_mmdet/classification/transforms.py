@@ -12,7 +12,7 @@ Randomness comes from numpy's global generator (seeded by MMEngine's
 ``randomness`` setting and its data-loader worker seeding).
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import mmcv
 import numpy as np
