@@ -10,9 +10,11 @@ check_environment()
 allow_mmengine_checkpoints()
 
 from . import models  # noqa: E402,F401  (registration)
-from . import classification  # noqa: E402,F401  (registration)
 from .engine import patch_mmengine_sync_bn  # noqa: E402
 
 patch_mmengine_sync_bn()
 
 __all__ = ['__version__']
+
+# the ImageNet classification path (registration in MMDetection's registries)
+from . import classification  # noqa: E402,F401

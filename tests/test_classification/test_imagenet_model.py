@@ -57,7 +57,8 @@ def test_configs_hold_the_paper_recipe():
                                        milestones=[30, 60, 90], gamma=0.1)
     assert cfg.train_cfg.max_epochs == 100
     assert cfg.train_dataloader.batch_size == 32  # x 8 GPUs = 256
-    assert cfg.auto_scale_lr.base_batch_size == 256
+    # tools/train.py --auto-scale-lr needs both keys
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=256)
     backbone = cfg.model.backbone
     assert backbone.ce_cfg == dict(type='CE')  # per-GPU covariance
     assert backbone.norm_cfg == dict(type='BN', requires_grad=True)
@@ -75,6 +76,7 @@ def test_configs_hold_the_paper_recipe():
     assert test[1].scale == 256 and test[1].edge == 'short'
     assert test[2].crop_size == 224
     assert cfg.val_evaluator == dict(type='Accuracy', topk=(1, 5))
+    assert cfg.custom_hooks == [dict(type='SyncBuffersHook')]
     with open(IN1K[50]) as f:
         assert [line for line in f if not line.startswith('#')][0].startswith(
             'custom_imports = ')

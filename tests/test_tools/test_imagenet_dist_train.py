@@ -4,8 +4,8 @@ checkpoint in the R-101 Mask R-CNN configs.
 1. A generated ImageNet-layout folder (6 classes; ``train/<wnid>/``, flat
    ``val/``, ``meta/{train,val}.txt``).
 2. ``bash tools/dist_train.sh configs/cenet/imagenet/ce-resnet101_8xb32_in1k.py 2``
-   (two gloo processes), shortened by ``--cfg-options`` to one epoch of 3
-   iterations at 64 px; validation reports ``accuracy/top1`` and
+   (two gloo processes) with ``--auto-scale-lr``, shortened by
+   ``--cfg-options`` to one epoch of 3 iterations at 64 px; validation reports ``accuracy/top1`` and
    ``accuracy/top5``, which must equal a top-k computed here from the saved
    checkpoint on the same images.
 3. ``tools/model_converters/cls2backbone.py`` writes
@@ -95,7 +95,8 @@ def trained(tmp_path_factory):
     env.pop('MASTER_PORT', None)
     work_dir = osp.join(root, 'work_dirs', 'ce-resnet101_8xb32_in1k')
     log = run(['bash', osp.join(REPO, 'tools', 'dist_train.sh'), CONFIG, '2',
-               '--work-dir', work_dir, '--cfg-options'] + shortened(data_root),
+               '--work-dir', work_dir, '--auto-scale-lr',
+               '--cfg-options'] + shortened(data_root),
               root, env)
     ckpt_path = osp.join(work_dir, 'epoch_1.pth')
     assert osp.isfile(ckpt_path), log[-3000:]
@@ -118,6 +119,13 @@ def reported_accuracy(work_dir: str) -> Dict[str, float]:
 def test_dist_train_reports_topk(trained):
     log = trained['log']
     assert 'Epoch(train) [1][3/3]' in log  # 12 images / (2 processes x 2)
+    # --auto-scale-lr: lr 0.1 for 256 images -> 0.1 * 4 / 256
+    lrs = []
+    for path in glob.glob(osp.join(trained['work_dir'], '*', 'vis_data',
+                                   'scalars.json')):
+        with open(path) as f:
+            lrs += [json.loads(line)['lr'] for line in f if '"lr"' in line]
+    assert lrs and all(lr == pytest.approx(0.1 * 4 / 256) for lr in lrs), lrs
     record = reported_accuracy(trained['work_dir'])
     for key in ('accuracy/top1', 'accuracy/top5'):
         assert 0 <= record[key] <= 100

@@ -95,7 +95,7 @@ train_cfg = dict(by_epoch=True, max_epochs=100, val_interval=1)
 val_cfg = dict()
 test_cfg = dict()
 # the lr above is for 8 x 32 = 256 images per step (--auto-scale-lr)
-auto_scale_lr = dict(base_batch_size=256)
+auto_scale_lr = dict(enable=False, base_batch_size=256)
 
 # ---- runtime ----
 default_hooks = dict(
@@ -104,6 +104,11 @@ default_hooks = dict(
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'))
+# BN/CE running statistics are per GPU (each GPU updates them from its own
+# batch; DDP broadcasts rank 0's before every training step): average them
+# over the GPUs at the end of each epoch, before the checkpoint is saved and
+# the model validated, so that every GPU validates the saved model.
+custom_hooks = [dict(type='SyncBuffersHook')]
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
