@@ -17,6 +17,7 @@ from cenet_mmdet.engine import setup_cpu_distributed  # noqa: E402
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+import torch  # noqa: E402
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo  # noqa: E402
 
@@ -190,6 +191,12 @@ def main():
 
     # start training
     runner.train()
+
+    # Tear the process group down while the interpreter is alive: gloo
+    # worker threads left to interpreter finalization can abort the process
+    # ("terminate called without an active exception") after a finished run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':
