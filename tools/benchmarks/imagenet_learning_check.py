@@ -15,8 +15,7 @@ Default budget: 6 classes (the patterns of
 horizontal stripes), 48 training and 20 validation images per class (72-90
 px), random resized crop 64 + flip, test: short edge 73 + centre crop 64;
 batch 16, 8 epochs = 144 iterations, SGD lr 0.05 (momentum 0.9, weight decay
-1e-4), constant. About 1-1.5 s per iteration on 2 idle cores, so roughly 3-5
-minutes per model.
+1e-4), constant.
 
 Usage::
 
