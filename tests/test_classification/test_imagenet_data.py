@@ -258,3 +258,31 @@ def test_topk_accuracy_against_hand_computation():
     result = metric.evaluate(4)
     assert result == pytest.approx({'accuracy/top1': 25.0, 'accuracy/top5': 75.0})
     assert math.isclose(samples[2].pred_label.item(), 5)
+
+
+def test_generator_cli_is_deterministic(tmp_path):
+    """tools/misc/make_synthetic_imagenet.py: the README's layout, and the
+    same arguments give byte-identical files."""
+    import subprocess
+    import sys
+    script = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+                      'tools', 'misc', 'make_synthetic_imagenet.py')
+    trees = []
+    for name in ('a', 'b'):
+        root = tmp_path / name
+        subprocess.run([sys.executable, script, str(root), '--classes', '3',
+                        '--train', '2', '--val', '1', '--size', '24'],
+                       check=True, capture_output=True, timeout=120)
+        files = {}
+        for dirpath, _, filenames in os.walk(root):
+            for f in filenames:
+                path = osp.join(dirpath, f)
+                with open(path, 'rb') as handle:
+                    files[osp.relpath(path, root)] = handle.read()
+        trees.append(files)
+    assert trees[0] == trees[1]
+    assert sorted(k for k in trees[0] if k.startswith('meta')) == [
+        osp.join('meta', 'train.txt'), osp.join('meta', 'val.txt')]
+    assert sum(k.startswith('train' + os.sep) for k in trees[0]) == 6
+    assert trees[0][osp.join('meta', 'val.txt')].decode().splitlines() == [
+        'val_00000.png 0', 'val_00001.png 1', 'val_00002.png 2']
