@@ -18,8 +18,8 @@ resized crop (area 0.08-1) at 64 px + flip, test: short edge 73 + centre crop
 64; batch 16, 40 epochs = 480 iterations, SGD lr 0.02 (momentum 0.9, weight
 decay 1e-4) after a 50-iteration linear warm-up from lr/10, then constant;
 evaluations after epochs 10, 20, 30, 40. The schedule is written to a config
-that inherits ``ce-resnet50_8xb32_in1k.py`` (``<work-dir>/<model>/
-learning_check_config.py``); everything else is ``--cfg-options``.
+that inherits ``ce-resnet50_8xb32_in1k.py``
+(``<work-dir>/learning_check_config.py``); everything else is ``--cfg-options``.
 
 Usage::
 
@@ -85,7 +85,7 @@ def cfg_options(args, data_root: str) -> list:
     return options
 
 
-def schedule_config(args, work_dir: str) -> str:
+def schedule_config(args) -> str:
     """A config inheriting the ImageNet config, with the check's schedule
     (constant lr after an optional linear warm-up)."""
     schedulers = []
@@ -94,8 +94,10 @@ def schedule_config(args, work_dir: str) -> str:
                                begin=0, end=args.warmup_iters))
     schedulers.append(dict(type='ConstantLR', factor=1.0, by_epoch=True,
                            begin=0, end=args.epochs))
-    path = osp.join(work_dir, 'learning_check_config.py')
-    os.makedirs(work_dir, exist_ok=True)
+    # beside the models' work dirs (the runner dumps its merged config into
+    # the work dir under the same file name)
+    path = osp.abspath(osp.join(args.work_dir, 'learning_check_config.py'))
+    os.makedirs(args.work_dir, exist_ok=True)
     with open(path, 'w') as f:
         f.write(f'_base_ = {CONFIG!r}\nparam_scheduler = {schedulers!r}\n')
     return path
@@ -139,7 +141,7 @@ def main() -> int:
     for key in args.models:
         name, extra = MODELS[key]
         work_dir = osp.abspath(osp.join(args.work_dir, key))
-        config = schedule_config(args, work_dir)
+        config = schedule_config(args)
         cmd = [sys.executable, osp.join(REPO, 'tools', 'train.py'), config,
                '--work-dir', work_dir, '--cfg-options'] + cfg_options(
                    args, data_root) + extra
