@@ -1,6 +1,8 @@
 """cenet-mmdet: Channel Equilibrium (CE) norm layers and CE-ResNet backbones
 for MMDetection. Importing the package registers ``CE``, ``SyncCE`` (root
-MMEngine ``MODELS``) and ``CEResNet`` (MMDetection ``MODELS``)."""
+MMEngine ``MODELS``), ``CEResNet`` (MMDetection ``MODELS``) and the ImageNet
+classification path of :mod:`cenet_mmdet.classification` (MMDetection's
+registries)."""
 from .compat import allow_mmengine_checkpoints, check_environment
 from .version import __version__
 
@@ -14,3 +16,6 @@ patch_mmengine_sync_bn()
 patch_torch_sync_bn()
 
 __all__ = ['__version__']
+
+# the ImageNet classification path (registration in MMDetection's registries)
+from . import classification  # noqa: E402,F401

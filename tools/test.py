@@ -18,6 +18,7 @@ from cenet_mmdet.engine import setup_cpu_distributed  # noqa: E402
 from mmengine import ConfigDict  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+import torch  # noqa: E402
 
 from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: E402
 from mmdet.evaluation import DumpDetResults  # noqa: E402
@@ -157,6 +158,12 @@ def main():
 
     # start testing
     runner.test()
+
+    # Tear the process group down while the interpreter is alive: gloo
+    # worker threads left to interpreter finalization can abort the process
+    # ("terminate called without an active exception") after a finished run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -17,10 +17,12 @@ from cenet_mmdet.engine import setup_cpu_distributed  # noqa: E402
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
+import torch  # noqa: E402
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo  # noqa: E402
 
 CONVERTER = 'tools/model_converters/cenet2mmdet.py'
+CLS_CONVERTER = 'tools/model_converters/cls2backbone.py'
 #: checkpoint prefixes that MMEngine downloads or resolves itself
 _REMOTE_PREFIXES = ('http://', 'https://', 'torchvision://', 'open-mmlab://',
                     'openmmlab://', 'mmcls://', 'pavi://', 's3://', 'modelzoo://')
@@ -103,15 +105,24 @@ def check_pretrained_checkpoints(cfg) -> None:
         backbone = cfg.model.get('backbone', {})
         message = (
             f'The pretrained checkpoint {checkpoint!r} ({key}) does not '
-            f'exist (relative paths are resolved from {os.getcwd()}). Convert '
-            'the ImageNet CE-ResNet checkpoint released by the authors to '
-            f'MMDetection names with:\n  python {CONVERTER} <released.pth> '
-            f'{checkpoint}')
-        if backbone.get('type') == 'CEResNet' and backbone.get('depth') != 50:
+            f'exist (relative paths are resolved from {os.getcwd()}). ')
+        depth = backbone.get('depth')
+        if backbone.get('type') == 'CEResNet' and depth != 50:
+            imagenet = f'ce-resnet{depth}_8xb32_in1k'
             message += (
-                f'\nOnly a CE-ResNet-50 was released; for depth '
-                f'{backbone.get("depth")} use your own ImageNet CE-ResNet '
-                'checkpoint in the released layout as <released.pth>.')
+                f'Only a CE-ResNet-50 was released; for depth {depth} '
+                'pretrain one on ImageNet with this project and extract its '
+                f'backbone (README, "ImageNet pretraining of CE-ResNet"):\n'
+                f'  bash tools/dist_train.sh configs/cenet/imagenet/{imagenet}.py 8\n'
+                f'  python {CLS_CONVERTER} work_dirs/{imagenet}/epoch_100.pth '
+                f'{checkpoint}\nAn ImageNet CE-ResNet in the released layout '
+                f'converts with:\n  python {CONVERTER} <released.pth> '
+                f'{checkpoint}')
+        else:
+            message += (
+                'Convert the ImageNet CE-ResNet checkpoint released by the '
+                f'authors to MMDetection names with:\n  python {CONVERTER} '
+                f'<released.pth> {checkpoint}')
         message += ('\nTo train from scratch instead, pass --cfg-options '
                     'model.backbone.init_cfg=None')
         raise FileNotFoundError(message)
@@ -180,6 +191,12 @@ def main():
 
     # start training
     runner.train()
+
+    # Tear the process group down while the interpreter is alive: gloo
+    # worker threads left to interpreter finalization can abort the process
+    # ("terminate called without an active exception") after a finished run.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

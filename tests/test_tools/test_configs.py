@@ -307,8 +307,16 @@ def test_missing_backbone_checkpoint_names_the_converter(tmp_path, monkeypatch):
     (tmp_path / path).write_bytes(b'')
     train.check_pretrained_checkpoints(cfg)  # present: no error
     # R101: no released checkpoint, the message says so
-    with pytest.raises(FileNotFoundError, match='Only a CE-ResNet-50 was released'):
+    with pytest.raises(FileNotFoundError, match='Only a CE-ResNet-50 was released') as err:
         train.check_pretrained_checkpoints(load('mask-rcnn_ce-r101_fpn_2x_coco.py'))
+    # ... and names the ImageNet config of this project and the extraction
+    r101 = 'checkpoints/cenet_r101_imagenet_mmdet.pth'
+    assert ('bash tools/dist_train.sh configs/cenet/imagenet/'
+            'ce-resnet101_8xb32_in1k.py 8') in str(err.value)
+    assert (f'python tools/model_converters/cls2backbone.py work_dirs/'
+            f'ce-resnet101_8xb32_in1k/epoch_100.pth {r101}') in str(err.value)
+    assert osp.isfile(osp.join(REPO, 'configs', 'cenet', 'imagenet',
+                               'ce-resnet101_8xb32_in1k.py'))
     # downloadable or absent init_cfg: nothing to check
     cfg.model.backbone.init_cfg = dict(type='Pretrained',
                                        checkpoint='torchvision://resnet50')

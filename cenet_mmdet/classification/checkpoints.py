@@ -1,0 +1,226 @@
+"""Checkpoints between the ImageNet classifier and the detection backbone.
+
+* :func:`classifier_to_backbone`: an ``ImageClassifier`` checkpoint (e.g.
+  ``work_dirs/ce-resnet101_8xb32_in1k/epoch_100.pth``) -> the ``backbone.*``
+  tensors without the prefix, in the file format of the released converter,
+  so that the detection configs' ``init_cfg=dict(type='Pretrained',
+  checkpoint='checkpoints/cenet_r101_imagenet_mmdet.pth')`` loads it with no
+  missing or unexpected keys. Command line:
+  ``tools/model_converters/cls2backbone.py``.
+* :func:`released_to_classifier`: the authors' released CE-ResNet checkpoint
+  (``resnetv1ce50.pth.tar``) -> a whole ``ImageClassifier`` checkpoint
+  (``backbone.*`` + ``head.fc.*``) for evaluating it on ImageNet val with
+  ``tools/test.py``. Command line: ``tools/model_converters/cenet2cls.py``.
+
+Both check every key and shape against a freshly built ``CEResNet`` and write
+atomically; errors are :class:`cenet_mmdet.converters.ConversionError` and
+nothing is written.
+"""
+import os.path as osp
+import pickle
+from collections import OrderedDict
+from typing import Dict, Mapping, Tuple
+
+from torch import Tensor
+
+from ..converters import (ConversionError, convert_state_dict, infer_depth,
+                          load_source, reference_state, save_atomic,
+                          split_checkpoint, validate)
+
+BACKBONE_PREFIX = 'backbone.'
+HEAD_KEYS = ('head.fc.weight', 'head.fc.bias')
+
+
+def load_mmengine_checkpoint(path: str, unsafe_load: bool = False) -> object:
+    """Load an MMEngine checkpoint on CPU through MMEngine's loader, i.e. with
+    ``weights_only=True`` and the allow-list of :mod:`cenet_mmdet.compat` (its
+    message hub pickles ``HistoryBuffer`` methods), unless ``unsafe_load``."""
+    if unsafe_load or not osp.isfile(path):
+        return load_source(path, unsafe_load)
+    from mmengine.runner.checkpoint import CheckpointLoader
+    try:
+        return CheckpointLoader.load_checkpoint(path, map_location='cpu',
+                                                logger='silent')
+    except pickle.UnpicklingError as error:
+        raise ConversionError(
+            f'cannot read {path} with torch.load(weights_only=True): {error}\n'
+            f'If you trust this file, re-run with --unsafe-load.') from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConversionError(
+            f'cannot read {path} as a PyTorch checkpoint: {error}') from error
+
+
+def ce_layout(state: Mapping[str, Tensor]) -> Tuple[int, bool, Tuple[bool, ...]]:
+    """``(depth, stem_ce, stage_with_ce)`` of a CEResNet state dict."""
+    depth = infer_depth(list(state))
+    stem_ce = any(k.startswith('bn1.ce.') for k in state)
+    stage_with_ce = tuple(
+        any(k.startswith(f'layer{i}.0.bn3.ce.') for k in state)
+        for i in range(1, 5))
+    return depth, stem_ce, stage_with_ce
+
+
+def check_backbone_state(state: Mapping[str, Tensor], source: str) -> Dict:
+    """Compare keys and shapes with a fresh ``CEResNet`` of the inferred
+    layout; return that layout as a backbone config dict."""
+    depth, stem_ce, stage_with_ce = ce_layout(state)
+    expected = reference_state(depth, stem_ce, stage_with_ce)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f'{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}'
+              for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing keys ({", ".join(missing[:6])})')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys '
+                        f'({", ".join(unexpected[:6])})')
+    if shapes:
+        problems.append(f'{len(shapes)} shape mismatches ({"; ".join(shapes[:4])})')
+    if problems:
+        raise ConversionError(
+            f'{source}: the backbone does not match CEResNet(depth={depth}, '
+            f'stem_ce={stem_ce}, stage_with_ce={stage_with_ce}) with the '
+            f'default style (only pytorch-style, non-deep-stem CE-ResNets are '
+            f'supported): ' + '; '.join(problems))
+    return dict(type='CEResNet', depth=depth, stem_ce=stem_ce,
+                stage_with_ce=list(stage_with_ce))
+
+
+def classifier_to_backbone(src: str, dst: str,
+                           unsafe_load: bool = False) -> Dict:
+    """Write the backbone of an ``ImageClassifier`` checkpoint to ``dst``.
+
+    Args:
+        src: MMEngine checkpoint of an ``ImageClassifier`` (keys
+            ``backbone.*``, ``head.*``) or its bare state dict.
+        dst: output file, ``dict(state_dict=..., meta=...)`` with the
+            backbone keys without ``backbone.``.
+        unsafe_load: unpickle ``src`` fully (only for trusted files).
+            Default: False.
+
+    Returns:
+        the ``meta`` written (with the backbone layout under ``'backbone'``).
+    """
+    if osp.abspath(src) == osp.abspath(dst):
+        raise ConversionError('SRC and DST are the same file')
+    checkpoint = load_mmengine_checkpoint(src, unsafe_load)
+    state, _ = split_checkpoint(checkpoint)
+    state = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
+                        for k, v in state.items())
+    backbone = OrderedDict((k[len(BACKBONE_PREFIX):], v) for k, v in state.items()
+                           if k.startswith(BACKBONE_PREFIX))
+    if not backbone:
+        hint = (' It looks like a backbone checkpoint already (keys conv1.*, '
+                'layer1.*): load it directly.'
+                if 'conv1.weight' in state else '')
+        raise ConversionError(
+            f'{src}: no "{BACKBONE_PREFIX}*" keys, so not an ImageClassifier '
+            f'checkpoint (first keys: {", ".join(list(state)[:4])}).{hint}')
+    layout = check_backbone_state(backbone, src)
+    source_meta = checkpoint.get('meta', {}) if isinstance(checkpoint, Mapping) else {}
+    meta = dict(
+        converted_from=osp.basename(src),
+        converter='cenet_mmdet.classification.checkpoints '
+        '(tools/model_converters/cls2backbone.py)',
+        backbone=layout,
+        dropped_keys=[k for k in state if not k.startswith(BACKBONE_PREFIX)],
+        source={k: source_meta[k] for k in ('epoch', 'iter')
+                if isinstance(source_meta, Mapping) and k in source_meta})
+    try:
+        save_atomic(dict(state_dict=backbone, meta=meta), dst)
+    except OSError as error:
+        raise ConversionError(f'cannot write {dst}: {error}') from error
+    return meta
+
+
+def released_to_classifier(src: str, dst: str,
+                           unsafe_load: bool = False) -> Dict:
+    """Convert the released CE-ResNet classifier to an ``ImageClassifier``
+    checkpoint (``backbone.*`` as the released converter maps it, ``fc.*`` ->
+    ``head.fc.*``).
+
+    Returns:
+        the ``meta`` written (backbone layout, ``num_classes``).
+    """
+    if osp.abspath(src) == osp.abspath(dst):
+        raise ConversionError('SRC and DST are the same file')
+    state, source_meta = split_checkpoint(load_source(src, unsafe_load))
+    state = OrderedDict((k[len('module.'):] if k.startswith('module.') else k, v)
+                        for k, v in state.items())
+    if 'fc.weight' not in state or 'fc.bias' not in state:
+        raise ConversionError(
+            f'{src}: no classifier (fc.weight / fc.bias), so it cannot be '
+            f'evaluated as a classifier; for detection use '
+            f'tools/model_converters/cenet2mmdet.py')
+    conversion = convert_state_dict(state)
+    validate(conversion)
+    out: 'OrderedDict[str, Tensor]' = OrderedDict(
+        (BACKBONE_PREFIX + k, v) for k, v in conversion.state_dict.items())
+    fc_weight = state['fc.weight'].detach().clone()
+    out['head.fc.weight'] = fc_weight
+    out['head.fc.bias'] = state['fc.bias'].detach().clone()
+    meta = dict(
+        converted_from=osp.basename(src),
+        converter='cenet_mmdet.classification.checkpoints '
+        '(tools/model_converters/cenet2cls.py)',
+        backbone=dict(type='CEResNet', depth=conversion.depth,
+                      stem_ce=conversion.stem_ce,
+                      stage_with_ce=list(conversion.stage_with_ce)),
+        num_classes=int(fc_weight.shape[0]),
+        source=dict(source_meta))
+    try:
+        save_atomic(dict(state_dict=out, meta=meta), dst)
+    except OSError as error:
+        raise ConversionError(f'cannot write {dst}: {error}') from error
+    return meta
+
+
+def _run(prog: str, function, description: str, src_help: str,
+         dst_help: str, argv=None) -> int:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument('src', help=src_help)
+    parser.add_argument('dst', help=dst_help)
+    parser.add_argument('--unsafe-load', action='store_true',
+                        help='torch.load with weights_only=False (only for '
+                        'files you trust)')
+    args = parser.parse_args(argv)
+    try:
+        meta = function(args.src, args.dst, args.unsafe_load)
+    except ConversionError as error:
+        print(f'{prog}: error: {error}', file=sys.stderr)
+        print(f'{prog}: nothing written to {args.dst}', file=sys.stderr)
+        return 1
+    backbone = meta['backbone']
+    print(f'backbone: CEResNet depth={backbone["depth"]}, stem_ce='
+          f'{backbone["stem_ce"]}, stage_with_ce={tuple(backbone["stage_with_ce"])}')
+    if 'num_classes' in meta:
+        print(f'head: {meta["num_classes"]} classes')
+    print(f'saved to {args.dst}')
+    return 0
+
+
+def cls2backbone_main(argv=None) -> int:
+    """``tools/model_converters/cls2backbone.py SRC DST``; the exit status."""
+    return _run(
+        'cls2backbone.py', classifier_to_backbone,
+        'Extract the CEResNet backbone of an ImageClassifier checkpoint '
+        '(configs/cenet/imagenet) for the detection configs '
+        '(init_cfg=dict(type="Pretrained", checkpoint=DST)).',
+        'classifier checkpoint (e.g. work_dirs/ce-resnet101_8xb32_in1k/'
+        'epoch_100.pth)', 'output, e.g. checkpoints/cenet_r101_imagenet_mmdet.pth',
+        argv)
+
+
+def cenet2cls_main(argv=None) -> int:
+    """``tools/model_converters/cenet2cls.py SRC DST``; the exit status."""
+    return _run(
+        'cenet2cls.py', released_to_classifier,
+        'Convert the released CE-ResNet classifier (resnetv1ce50.pth.tar) into '
+        'an ImageClassifier checkpoint for configs/cenet/imagenet '
+        '(tools/test.py CONFIG DST).',
+        'released checkpoint', 'output, e.g. checkpoints/cenet_r50_imagenet_cls.pth',
+        argv)
