@@ -76,7 +76,8 @@ def test_configs_hold_the_paper_recipe():
     assert test[1].scale == 256 and test[1].edge == 'short'
     assert test[2].crop_size == 224
     assert cfg.val_evaluator == dict(type='Accuracy', topk=(1, 5))
-    assert cfg.custom_hooks == [dict(type='SyncBuffersHook')]
+    assert cfg.custom_hooks == [dict(type='SyncBuffersHook'),
+                                dict(type='RandomStateHook')]
     with open(IN1K[50]) as f:
         assert [line for line in f if not line.startswith('#')][0].startswith(
             'custom_imports = ')

@@ -108,7 +108,9 @@ default_hooks = dict(
 # batch; DDP broadcasts rank 0's before every training step): average them
 # over the GPUs at the end of each epoch, before the checkpoint is saved and
 # the model validated, so that every GPU validates the saved model.
-custom_hooks = [dict(type='SyncBuffersHook')]
+# RandomStateHook: every rank's random states travel with the checkpoints, so
+# that --resume continues exactly (cenet_mmdet/engine/random_state.py).
+custom_hooks = [dict(type='SyncBuffersHook'), dict(type='RandomStateHook')]
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
