@@ -14,7 +14,8 @@ Design notes
   one per-sample affine map ``M_n x_n + c_n`` (see
   :func:`cenet_mmdet.ops.fold_channel_equilibrium`). The BN output is never
   materialized, which makes the layer cheap and lets :class:`SyncCE`
-  synchronize all statistics with a single collective.
+  synchronize all statistics with one packed collective (after a small one
+  that agrees on the reference of the sums).
 * The moments are taken on the input shifted per (image, channel) by one of its
   own values, then moved exactly to one reference shared by the batch (and by
   all workers in :class:`SyncCE`), and the maps are applied to the shifted
