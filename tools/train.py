@@ -13,11 +13,11 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
-from cenet_mmdet.engine import setup_cpu_distributed  # noqa: E402
+from cenet_mmdet.engine import (finish_distributed_run,  # noqa: E402
+                                 setup_cpu_distributed)
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-import torch  # noqa: E402
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo  # noqa: E402
 
@@ -192,11 +192,9 @@ def main():
     # start training
     runner.train()
 
-    # Tear the process group down while the interpreter is alive: gloo
-    # worker threads left to interpreter finalization can abort the process
-    # ("terminate called without an active exception") after a finished run.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    # Destroy the process group and, in a multi-process run, exit without
+    # interpreter finalization (where gloo threads can abort a finished run).
+    finish_distributed_run()
 
 
 if __name__ == '__main__':

@@ -5,10 +5,11 @@ __all__ = ['convert_sync_batchnorm', 'patch_mmengine_sync_bn',
            'patch_torch_sync_bn']
 
 from .cpu_dist import (CPUDistributedDataParallel, CPUSyncBatchNorm,  # noqa: E402
-                       init_cpu_dist, setup_cpu_distributed)
+                       finish_distributed_run, init_cpu_dist,
+                       setup_cpu_distributed)
 
-__all__ += ['CPUDistributedDataParallel', 'CPUSyncBatchNorm', 'init_cpu_dist',
-            'setup_cpu_distributed']
+__all__ += ['CPUDistributedDataParallel', 'CPUSyncBatchNorm',
+            'finish_distributed_run', 'init_cpu_dist', 'setup_cpu_distributed']
 
 from .random_state import RandomStateHook  # noqa: E402
 

@@ -37,14 +37,43 @@ def resolve_group_size(num_channels: int, group_size: int) -> int:
     return size
 
 
+class GradientLink:
+    """Hands the input gradient of :func:`apply_maps` to the backward of
+    :func:`sample_moments` of the *same* input, which adds its own term in
+    place and returns the sum: one ``(N, G, d, L)`` gradient tensor instead
+    of two plus autograd's accumulation (fresh activation-sized tensors are
+    what a CPU step pays most for). Autograd always runs the application's
+    backward first, since its maps are computed from the moments. Under
+    ``create_graph=True`` nothing is handed over (plain accumulation).
+    """
+
+    __slots__ = ('grad', )
+
+    def __init__(self) -> None:
+        self.grad: Optional[Tensor] = None
+
+    def take(self, like: Tensor) -> Optional[Tensor]:
+        """The handed-over gradient (once), or None."""
+        grad, self.grad = self.grad, None
+        if grad is None or torch.is_grad_enabled():
+            return None
+        if grad.shape != like.shape:
+            raise RuntimeError('GradientLink joins two different inputs: '
+                               f'{tuple(grad.shape)} vs {tuple(like.shape)}')
+        return grad
+
+
 def sample_moments(x_grouped: Tensor,
-                   with_gram: bool = True) -> Tuple[Tensor, Tensor]:
+                   with_gram: bool = True,
+                   link: Optional[GradientLink] = None) -> Tuple[Tensor, Tensor]:
     """Per-sample first and second moments of a grouped input.
 
     Args:
         x_grouped: ``(N, G, d, L)``.
         with_gram: return the full per-group Gram matrices (training) instead
             of only their diagonals (evaluation).
+        link: shared with the :func:`apply_maps` call on the same
+            ``x_grouped`` (see :class:`GradientLink`). Default: None.
 
     Returns:
         ``sums`` ``(N, G, d)``: :math:`\\sum_l x_{l}`, and either ``gram``
@@ -52,10 +81,10 @@ def sample_moments(x_grouped: Tensor,
         ``(N, G, d)``: :math:`\\sum_l x_l^2`.
     """
     if with_gram:
-        return _GroupMoments.apply(x_grouped)
+        return _GroupMoments.apply(x_grouped, link)
     if _exporting() or not (torch.is_grad_enabled() and x_grouped.requires_grad):
         return _instance_moments(x_grouped)
-    return _InstanceMoments.apply(x_grouped)
+    return _InstanceMoments.apply(x_grouped, link)
 
 
 def _exporting() -> bool:
@@ -75,21 +104,26 @@ class _InstanceMoments(torch.autograd.Function):
     takes several passes over ``x``)."""
 
     @staticmethod
-    def forward(ctx, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(ctx, x_grouped: Tensor,
+                link: Optional[GradientLink]) -> Tuple[Tensor, Tensor]:
         ctx.save_for_backward(x_grouped)
+        ctx.link = link
         return _instance_moments(x_grouped)
 
     @staticmethod
     def backward(ctx, grad_sums: Optional[Tensor],
-                 grad_squares: Optional[Tensor]) -> Tensor:
+                 grad_squares: Optional[Tensor]):
         x_grouped, = ctx.saved_tensors
-        if grad_squares is None:
-            return grad_sums.unsqueeze(-1).expand_as(x_grouped).clone()
-        if grad_sums is None:
-            grad_sums = grad_squares.new_zeros(())
-        else:
-            grad_sums = grad_sums.unsqueeze(-1)
-        return torch.addcmul(grad_sums, x_grouped, 2 * grad_squares.unsqueeze(-1))
+        grad = ctx.link.take(x_grouped) if ctx.link is not None else None
+        # (N, G, d, 1) terms broadcast over L, added in place where possible
+        # (``addcmul`` with a broadcast first operand expands and copies it).
+        if grad_squares is not None:
+            term = (2 * grad_squares).unsqueeze(-1)
+            grad = x_grouped * term if grad is None else grad.addcmul_(x_grouped, term)
+        if grad_sums is not None:
+            term = grad_sums.unsqueeze(-1)
+            grad = term.expand_as(x_grouped).clone() if grad is None else grad.add_(term)
+        return grad, None
 
 
 class _GroupMoments(torch.autograd.Function):
@@ -101,8 +135,10 @@ class _GroupMoments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(ctx, x_grouped: Tensor,
+                link: Optional[GradientLink]) -> Tuple[Tensor, Tensor]:
         ctx.save_for_backward(x_grouped)
+        ctx.link = link
         sums = x_grouped.sum(dim=-1)
         # (N, G, d, L) @ (N, G, L, d) -> (N, G, d, d): one batched matmul, no copy.
         gram = torch.matmul(x_grouped, x_grouped.transpose(-1, -2))
@@ -110,23 +146,33 @@ class _GroupMoments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sums: Optional[Tensor],
-                 grad_gram: Optional[Tensor]) -> Tensor:
+                 grad_gram: Optional[Tensor]):
         x_grouped, = ctx.saved_tensors
         n, groups, size, positions = x_grouped.shape
+        handed = ctx.link.take(x_grouped) if ctx.link is not None else None
         if grad_gram is None:
-            return grad_sums.unsqueeze(-1).expand_as(x_grouped).clone()
+            term = grad_sums.unsqueeze(-1)  # (N, G, d, 1)
+            if handed is None:
+                return term.expand_as(x_grouped).clone(), None
+            return handed.add_(term), None
         symmetric = grad_gram + grad_gram.transpose(-1, -2)  # (N, G, d, d)
         if grad_sums is None:
             grad_sums = grad_gram.new_zeros(n, groups, size)
         # (N*G, d, d) @ (N*G, d, L) + (N*G, d, 1) -> (N*G, d, L)
-        grad = torch.baddbmm(grad_sums.reshape(n * groups, size, 1),
-                             symmetric.reshape(n * groups, size, size),
-                             x_grouped.reshape(n * groups, size, positions))
-        return grad.view(n, groups, size, positions)
+        batch_shape = (n * groups, size, positions)
+        if handed is None:
+            grad = torch.baddbmm(grad_sums.reshape(n * groups, size, 1),
+                                 symmetric.reshape(n * groups, size, size),
+                                 x_grouped.reshape(batch_shape))
+            return grad.view(n, groups, size, positions), None
+        handed.view(batch_shape).baddbmm_(symmetric.reshape(n * groups, size, size),
+                                          x_grouped.reshape(batch_shape))
+        return handed.add_(grad_sums.unsqueeze(-1)), None
 
 
 def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
-               out_shape: Sequence[int]) -> Tensor:
+               out_shape: Sequence[int],
+               link: Optional[GradientLink] = None) -> Tensor:
     """``M_n x_n + c_n`` for every sample and group, in a new ``out_shape``
     tensor (``(N, C, H, W)``, ``C * H * W = G * d * L``).
 
@@ -139,6 +185,8 @@ def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
         bias: ``(N, G, d, 1)``.
         x_grouped: ``(N, G, d, L)``.
         out_shape: the shape of the result.
+        link: shared with the :func:`sample_moments` call on the same
+            ``x_grouped`` (see :class:`GradientLink`). Default: None.
     """
     if _exporting():
         n, groups, size, positions = x_grouped.shape
@@ -149,7 +197,7 @@ def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
     needs_grad = torch.is_grad_enabled() and (
         matrix.requires_grad or bias.requires_grad or x_grouped.requires_grad)
     if needs_grad:
-        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape))
+        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape), link)
     return _apply_maps(matrix, bias, x_grouped, out_shape)
 
 
@@ -172,8 +220,9 @@ class _ApplyMaps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, matrix: Tensor, bias: Tensor, x_grouped: Tensor,
-                out_shape: Tuple[int, ...]) -> Tensor:
+                out_shape: Tuple[int, ...], link: Optional[GradientLink]) -> Tensor:
         ctx.save_for_backward(matrix, x_grouped)
+        ctx.link = link
         return _apply_maps(matrix, bias, x_grouped, out_shape)
 
     @staticmethod
@@ -191,10 +240,21 @@ class _ApplyMaps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad_flat.sum(-1, keepdim=True).view(n, groups, size, 1)
         if ctx.needs_input_grad[2]:
-            # (N*G, d, d)^T @ (N*G, d, L) -> (N*G, d, L)
-            grad_x = torch.bmm(matrix.reshape(batch, size, size).transpose(1, 2),
-                               grad_flat).view(n, groups, size, positions)
-        return grad_matrix, grad_bias, grad_x, None
+            # (N*G, d, d)^T @ (N*G, d, L) -> (N*G, d, L), written into a
+            # fresh (N, G, d, L) tensor: not a view, so that autograd may add
+            # the moments' gradient into it in place
+            matrix_t = matrix.reshape(batch, size, size).transpose(1, 2)
+            if torch.is_grad_enabled():  # create_graph=True: no out= writes
+                grad_x = torch.bmm(matrix_t, grad_flat).view(x_grouped.shape)
+            else:
+                grad_x = x_grouped.new_empty(x_grouped.shape)
+                torch.bmm(matrix_t, grad_flat, out=grad_x.view(batch, size, positions))
+            # The moments' backward (which follows: the matrix depends on the
+            # moments) adds its term and returns the total.
+            if (ctx.link is not None and ctx.needs_input_grad[0]
+                    and not torch.is_grad_enabled()):
+                ctx.link.grad, grad_x = grad_x, None
+        return grad_matrix, grad_bias, grad_x, None, None
 
 
 def inverse_sqrt_newton(covariance: Tensor,
@@ -302,11 +362,11 @@ def fold_channel_equilibrium(
     scaled_whitening = lam * whitening  # (G, d, d)
     eye = torch.eye(whitening.size(-1), dtype=whitening.dtype,
                     device=whitening.device)
-    # (1, G, d, d) + (N, G, d, 1) * (d, d) -> (N, G, d, d)
-    mixing = scaled_whitening.unsqueeze(0) + instance_scale.unsqueeze(-1) * eye
-    matrix = mixing * bn_scale[None, :, None, :]  # scale the columns by a
+    # (G, d, d) + (N, G, d, 1) * (d, d) -> (N, G, d, d), columns scaled by a
+    matrix = torch.addcmul(scaled_whitening, instance_scale.unsqueeze(-1), eye)
+    matrix = matrix * bn_scale[..., None, :]
     centred_shift = bn_shift if center is None else bn_shift - center
-    # (G, d, d) @ (..., G, d, 1) -> (..., G, d, 1), plus the diagonal part.
-    bias = torch.matmul(scaled_whitening, centred_shift.unsqueeze(-1))
-    bias = bias + (instance_scale * bn_shift).unsqueeze(-1)
+    # (G, d, d) @ (..., G, d, 1) + (N, G, d, 1) -> (N, G, d, 1)
+    bias = torch.addcmul(torch.matmul(scaled_whitening, centred_shift.unsqueeze(-1)),
+                         instance_scale.unsqueeze(-1), bn_shift.unsqueeze(-1))
     return matrix, bias

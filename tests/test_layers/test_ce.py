@@ -134,3 +134,73 @@ def test_eval_mode_gradcheck_float64():
     layer.eval()
     x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('channels,shape,options', CASES)
+def test_eval_mode_gradients_match_released(channels, shape, options):
+    """Running statistics with gradients (MMDetection's ``norm_eval=True``
+    training): output, input and parameter gradients against the released
+    function in float64."""
+    dtype = torch.float64
+    ref, layer = _pair(channels, dtype, **options)
+    gen = torch.Generator().manual_seed(3)
+    n, h, w = shape
+    with torch.no_grad():  # move the running statistics
+        x = torch.randn(n, channels, h, w, generator=gen, dtype=dtype) + 0.5
+        ref(x), layer(x)
+    ref.eval(), layer.eval()
+    x = torch.randn(n, channels, h, w, generator=gen, dtype=dtype) * 2 - 0.3
+    x_ref, x_layer = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = torch.randn(x.shape, generator=gen, dtype=dtype)
+    out_ref, out_layer = ref(x_ref), layer(x_layer)
+    _assert_close(out_layer, out_ref, dtype, 'output')
+    (out_ref * weight).sum().backward()
+    (out_layer * weight).sum().backward()
+    _assert_close(x_layer.grad, x_ref.grad, dtype, 'input grad')
+    ref_grads = released_to_plugin_keys({k: p.grad for k, p in ref.named_parameters()})
+    for name, param in layer.named_parameters():
+        _assert_close(param.grad, ref_grads[name], dtype, f'grad of {name}')
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_partial_repeated_and_higher_order_backward(training):
+    """The moments' backward adds into the application's input gradient
+    (ops.GradientLink): asking for some gradients only, asking twice, asking
+    with create_graph=True and recomputing under checkpoint all give the
+    gradients of one plain backward."""
+    import torch.utils.checkpoint as cp
+    torch.manual_seed(0)
+    layer = CE(32, group_size=8).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer(torch.randn(4, 32, 5, 5, dtype=torch.float64))
+    layer.train(training)
+    params = list(layer.parameters())
+    x = torch.randn(3, 32, 5, 5, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(3, 32, 5, 5, dtype=torch.float64)
+
+    def grads(out, inputs, **kwargs):
+        return torch.autograd.grad(out, inputs, weight, **kwargs)
+
+    def close(actual, expected):
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+    state = copy.deepcopy(layer.state_dict())
+    out = layer(x)
+    full = grads(out, [x] + params, retain_graph=True)
+    close(grads(out, params, retain_graph=True), full[1:])  # no x: nothing handed over
+    close(grads(out, [x], retain_graph=True), full[:1])
+    close(grads(out, [x] + params, retain_graph=True), full)  # asked twice
+    close(grads(out, [x] + params, create_graph=True), full)
+    layer.load_state_dict(state)
+    close(grads(cp.checkpoint(layer, x, use_reentrant=False), [x] + params), full)
+    layer.load_state_dict(state)
+    cp.checkpoint(layer, x, use_reentrant=True).backward(weight)  # no .grad()
+    close([x.grad] + [p.grad for p in params], full)
+    # the link refuses to join different inputs
+    from cenet_mmdet.ops import GradientLink
+    link = GradientLink()
+    link.grad = torch.zeros(2, 3)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='two different inputs'):
+        link.take(torch.zeros(3, 2))

@@ -149,3 +149,79 @@ def test_small_spread_around_a_large_offset(training):
     error = relative_error(out, reference_ce(x, layer, training))
     assert error < 1e-5
     assert error <= 10 * bn_error(x, layer, training)
+
+
+def standardized_input(ratio: float, seed: int = 1) -> torch.Tensor:
+    """Every (image, channel) at exactly mean / std = ``ratio`` (unbiased std)."""
+    x = make_input(0.0, per_image=False, seed=seed).double()
+    x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    return (x + ratio).float()
+
+
+def trained_eval_layer(ratio: float) -> CE:
+    layer = make_layer(16)
+    layer.momentum = 1.0
+    with torch.no_grad():
+        layer.train()(make_input(ratio, per_image=False, seed=3))
+    return layer.eval()
+
+
+def record_decisions(monkeypatch) -> list:
+    """Spy on the eval path's choice: True = moments of the input itself."""
+    decisions = []
+    original = CE._unshifted_is_accurate
+
+    def spy(self, *args):
+        decisions.append(original(self, *args))
+        return decisions[-1]
+    monkeypatch.setattr(CE, '_unshifted_is_accurate', spy)
+    return decisions
+
+
+# (mean/std, whether the input itself is used): mean^2 <= 100 var is the line
+@pytest.mark.parametrize('ratio,unshifted', [(0.0, True), (3.0, True),
+                                             (9.0, True), (11.0, False),
+                                             (1e3, False)])
+def test_eval_uses_the_unshifted_input_only_when_accurate(ratio, unshifted,
+                                                           monkeypatch):
+    layer = trained_eval_layer(ratio)
+    x = standardized_input(ratio)
+    decisions = record_decisions(monkeypatch)
+    out = layer(x)
+    assert decisions == [unshifted]
+    expected = reference_ce(x, layer, training=False)
+    assert relative_error(out, expected) <= max(10 * bn_error(x, layer, False), 1e-6)
+
+
+def test_one_badly_conditioned_image_shifts_the_batch(monkeypatch):
+    layer = trained_eval_layer(0.0)
+    x = standardized_input(0.0)
+    x[1, 5] += 1e4  # one (image, channel) with mean/std 1e4
+    decisions = record_decisions(monkeypatch)
+    out = layer(x)
+    assert decisions == [False]
+    expected = reference_ce(x, layer, training=False)
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_the_unshifted_path_would_be_wrong_at_large_means():
+    """The check matters: forcing the input-itself path at mean/std 1e3
+    loses the per-instance variance (this is what the shift protects)."""
+    layer = trained_eval_layer(1e3)
+    x = standardized_input(1e3)
+    expected = reference_ce(x, layer, training=False)
+    layer.UNSHIFTED_MEAN_RATIO = 1e30
+    forced = relative_error(layer(x), expected)
+    assert forced > 100 * max(bn_error(x, layer, False), 1e-6)
+
+
+def test_traced_eval_always_shifts():
+    """A traced graph must not bake in the choice made on the tracing input."""
+    layer = trained_eval_layer(1e3)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, standardized_input(0.0, seed=5),
+                                 check_trace=False)
+    x = standardized_input(1e3)
+    expected = reference_ce(x, layer, training=False)
+    with torch.no_grad():
+        assert relative_error(traced(x), expected) <= 10 * bn_error(x, layer, False)

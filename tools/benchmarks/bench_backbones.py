@@ -3,13 +3,19 @@ world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
-        [--kinds BN CE SyncCE released]
+        [--kinds BN CE SyncCE released floor]
 
 All models of one depth are built once; every repeat times each of them once
 (interleaved, rotating order: see common.py), first in eval, then for a train
 step (forward + backward). Prints a markdown table: median times, images/s,
 the median per-repeat ratio to the plain ResNet with its min-max spread, and
 peak memory (CUDA only).
+
+``floor`` is a lower bound for any exact implementation of the released CE:
+every CE layer only applies fixed per-sample ``(N, G, d, d)`` maps and biases
+(the dense product that each CE output needs, since the released function
+mixes the d channels of a group with a matrix that has a per-image diagonal),
+with no statistics, no gate and no Newton step.
 """
 import argparse
 
@@ -20,6 +26,8 @@ from common import (interleaved_times, machine_line, markdown_table, median_ms,
                     peak_memory_mb, pin_threads, ratio)
 
 import cenet_mmdet  # noqa: F401
+from cenet_mmdet.models.layers import CE
+from cenet_mmdet.ops import apply_maps
 from cenet_mmdet.testing.released_ce import swap_in_released_ce
 from mmdet.registry import MODELS
 
@@ -28,7 +36,37 @@ KINDS = {
     'CE': 'CEResNet (CE)',
     'SyncCE': 'CEResNet (SyncCE, ws=1)',
     'released': 'CEResNet (released autograd)',
+    'floor': 'CE maps only (lower bound)',
 }
+
+
+class MapsOnly(nn.Module):
+    """Stands in for a CE layer: applies fixed maps ``M x + c`` per sample
+    and group (the product every CE output needs) and nothing else."""
+
+    def __init__(self, layer: CE) -> None:
+        super().__init__()
+        self.groups, self.size = layer.ce.num_groups, layer.ce.group_size
+        self.maps = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        key = (n, x.dtype, x.device)
+        if key not in self.maps:
+            eye = torch.eye(self.size, dtype=x.dtype, device=x.device)
+            self.maps[key] = (0.5 * eye.repeat(n, self.groups, 1, 1),
+                              x.new_zeros(n, self.groups, self.size, 1))
+        matrix, bias = self.maps[key]
+        # (N, C, H, W) -> (N, G, d, H*W): a free view
+        x_grouped = x.reshape(n, self.groups, self.size, h * w)
+        return apply_maps(matrix, bias, x_grouped, x.shape)
+
+
+def swap_in_maps_only(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CE):
+            parent_name, _, child = name.rpartition('.')
+            setattr(model.get_submodule(parent_name), child, MapsOnly(module))
 
 
 def build(kind: str, depth: int) -> nn.Module:
@@ -40,6 +78,8 @@ def build(kind: str, depth: int) -> nn.Module:
     model = MODELS.build(cfg)
     if kind == 'released':
         swap_in_released_ce(model)
+    if kind == 'floor':
+        swap_in_maps_only(model)
     return model
 
 

@@ -16,11 +16,21 @@ Design notes
   materialized, which makes the layer cheap and lets :class:`SyncCE`
   synchronize all statistics with one packed collective (after a small one
   that agrees on the reference of the sums).
-* The moments are taken on the input shifted per (image, channel) by one of its
-  own values, then moved exactly to one reference shared by the batch (and by
-  all workers in :class:`SyncCE`), and the maps are applied to the shifted
-  input: one pass, and no ``E[x^2] - E[x]^2`` cancellation however large
-  ``|mean| / std`` is (tested up to 1e4 against a float64 reference).
+* In training, the moments are taken on the input shifted per (image,
+  channel) by one of its own values, then moved exactly to one reference
+  shared by the batch (and by all workers in :class:`SyncCE`), and the maps
+  are applied to the shifted input: one pass, and no ``E[x^2] - E[x]^2``
+  cancellation however large ``|mean| / std`` is (tested up to 1e4 against a
+  float64 reference). In eval on the CPU, the moments are first taken on the
+  input itself, and used when every (image, channel) has
+  ``mean^2 <= UNSHIFTED_MEAN_RATIO * var`` (100: at most 2 digits lost);
+  otherwise the layer shifts as in training. This saves the shifted copy, an
+  activation-sized tensor, in the common case (traced, compiled and CUDA runs
+  always shift: no data-dependent branch, no host synchronization).
+* Backward: the application's input gradient is written into one fresh
+  tensor, and the moments' backward adds its own term into it in place
+  (:class:`cenet_mmdet.ops.GradientLink`): one activation-sized gradient per
+  layer, no accumulation pass.
 * All statistics, the covariance and the Newton iteration run in float32 (float64
   for float64 inputs), also under ``torch.autocast``; the output has the input's
   dtype.
@@ -37,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import (apply_maps, fold_channel_equilibrium, inverse_sqrt_newton,
+from ...ops import (GradientLink, apply_maps, fold_channel_equilibrium,
+                    inverse_sqrt_newton,
                     resolve_group_size, sample_moments, shifted_moments)
 
 WHITENING_MODES = ('released', 'paper')
@@ -76,6 +87,20 @@ def _full_fp32_matmuls(device_type: str) -> Iterator[None]:
         yield
     finally:
         setattr(matmul, name, previous)
+
+
+def _may_branch_on_data(tensor: Tensor) -> bool:
+    """Whether the layer may choose its algorithm from the values of
+    ``tensor``: only eagerly and on the CPU (on CUDA the choice would cost a
+    host synchronization per layer; traced and compiled graphs must not
+    depend on the data)."""
+    if tensor.device.type != 'cpu':
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    return True
 
 
 def _params_to_buffers(module: nn.Module) -> None:
@@ -121,7 +146,12 @@ class AdaptiveInstanceInverse(nn.Module):
 
     def forward(self, variance: Tensor) -> Tensor:
         """Gate values ``(N, C)`` in (0, 1) from per-instance variances ``(N, C)``."""
-        return torch.sigmoid(self.gate(variance))
+        # ``self.gate`` computed functionally: the same ops without four
+        # submodule calls (a CE layer's fixed cost matters on the CPU).
+        reduce, norm, _, expand = self.gate
+        hidden = F.layer_norm(F.linear(variance, reduce.weight), norm.normalized_shape,
+                              norm.weight, norm.bias, norm.eps)
+        return torch.sigmoid(F.linear(hidden.relu_(), expand.weight))
 
 
 class CEBlock(nn.Module):
@@ -203,6 +233,11 @@ class CE(nn.BatchNorm2d):
         input and output ``(N, C, H, W)`` with ``H * W > 1``.
     """
 
+    #: In eval on the CPU, moments are taken on the unshifted input when every
+    #: (image, channel) has ``mean^2 <= UNSHIFTED_MEAN_RATIO * var`` (at most 2
+    #: digits lost); otherwise about a per-(image, channel) shift.
+    UNSHIFTED_MEAN_RATIO = 100.0
+
     def __init__(self,
                  num_features: int,
                  eps: float = 1e-5,
@@ -261,26 +296,35 @@ class CE(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        device_type = x.device.type
+        if device_type == 'cpu' and not torch.is_autocast_enabled(device_type):
+            return self._forward(x)  # no context needed (saves per-call time)
+        with torch.autocast(device_type, enabled=False), \
+                _full_fp32_matmuls(device_type):
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """The layer, with autocast off and full-fp32 matmuls."""
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(x.device.type, enabled=False), \
-                _full_fp32_matmuls(x.device.type):
-            x_compute = x.to(compute_dtype)
-            n, c, h, w = x.shape
-            # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
-            x_grouped = x_compute.reshape(n, self.ce.num_groups,
-                                          self.ce.group_size, h * w)
+        x_compute = x.to(compute_dtype)
+        n, c, h, w = x.shape
+        ce = self.ce
+        # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
+        x_grouped = x_compute.reshape(n, ce.num_groups, ce.group_size, h * w)
+        # the moments' backward adds into the application's input gradient
+        link = GradientLink() if torch.is_grad_enabled() else None
+        if self._use_batch_stats():
             # Shifted one-pass moments: every (image, channel) is shifted by
             # one of its own values, so the sums stay accurate however large
             # |mean| / std is. The shift is folded back exactly into the maps
             # (and holds no gradient: the layer does not depend on it).
-            shift = x_grouped[..., :1].detach()  # (N, G, d, 1)
-            x_shifted = x_grouped - shift
-            if self._use_batch_stats():
-                matrix, bias = self._train_maps(x_shifted, shift.squeeze(-1), h, w)
-            else:
-                matrix, bias = self._eval_maps(x_shifted, shift.squeeze(-1))
-            # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
-            out = apply_maps(matrix, bias, x_shifted, (n, c, h, w))
+            shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
+            source = x_grouped - shift
+            matrix, bias = self._train_maps(source, shift.squeeze(-1), h, w, link)
+        else:
+            matrix, bias, source = self._eval_maps(x_grouped, link)
+        # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
+        out = apply_maps(matrix, bias, source, (n, c, h, w), link)
         return out.to(x.dtype)
 
     def _bn_scale(self, var: Tensor) -> Tensor:
@@ -299,8 +343,10 @@ class CE(nn.BatchNorm2d):
     def _instance_variance(self, sums: Tensor, squares: Tensor,
                            positions: int) -> Tensor:
         """Unbiased per-instance variance ``(N, C)`` of the BN input."""
-        var = (squares - sums.square() / positions) / (positions - 1)
-        return var.clamp_min(0).flatten(1)
+        # (S_q - S^2 / L) / (L - 1), clamped at 0 (no python-float ``value=``
+        # arguments depending on L: traced for ONNX, L is a tensor)
+        var = squares - sums.square() / positions
+        return (var / (positions - 1)).clamp_min(0).flatten(1)
 
     def _check_batch(self, x_grouped: Tensor) -> None:
         if x_grouped.size(0) == 0:
@@ -309,8 +355,8 @@ class CE(nn.BatchNorm2d):
                 f'when training with batch statistics, got an empty batch '
                 f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
 
-    def _train_maps(self, x_shifted: Tensor, shift: Tensor, h: int,
-                    w: int) -> Tuple[Tensor, Tensor]:
+    def _train_maps(self, x_shifted: Tensor, shift: Tensor, h: int, w: int,
+                    link: Optional[GradientLink] = None) -> Tuple[Tensor, Tensor]:
         """Maps from batch statistics.
 
         ``x_shifted`` ``(N, G, d, L)`` is ``x - shift`` with ``shift``
@@ -321,7 +367,7 @@ class CE(nn.BatchNorm2d):
         n, groups, size, positions = x_shifted.shape
         self._check_batch(x_shifted)
         channels = groups * size
-        sums, gram = sample_moments(x_shifted, with_gram=True)  # about shift
+        sums, gram = sample_moments(x_shifted, True, link)  # about shift
         squares = gram.diagonal(dim1=-2, dim2=-1)  # (N, G, d)
         instance_var = self._instance_variance(sums, squares, positions)
         # Batch sums about one reference t shared by all workers.
@@ -410,25 +456,70 @@ class CE(nn.BatchNorm2d):
             for buffer, value in updates:
                 buffer.lerp_(value.to(buffer.dtype), weight.to(buffer.dtype))
 
-    def _eval_maps(self, x_shifted: Tensor,
-                   shift: Tensor) -> Tuple[Tensor, Tensor]:
-        """Maps from running statistics, for ``x_shifted = x - shift``."""
+    def _eval_maps(self, x_grouped: Tensor,
+                   link: Optional[GradientLink] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Maps from running statistics: ``(matrix, bias, source)`` such that
+        the layer output is ``matrix @ source + bias`` per sample and group.
+
+        The moments are first taken on the input itself (no copy). When some
+        ``(image, channel)`` has ``mean^2 > UNSHIFTED_MEAN_RATIO * var`` (the
+        one-pass variance would lose digits), everything is recomputed about
+        a per-(image, channel) shift, exactly as in training (one more pass,
+        only for such inputs). Traced, compiled and CUDA runs always shift
+        (no data-dependent branch, no host synchronization).
+        """
+        positions = x_grouped.size(-1)
+        sums, squares = sample_moments(x_grouped, False, link)
+        # sum_l (x_l - mean)^2 = Q - S^2 / L, (N, G, d)
+        deviations = squares - sums.square() / positions
+        if self._unshifted_is_accurate(squares, deviations):
+            return self._eval_maps_about(x_grouped, deviations, None)
+        # (the unshifted moments are dropped, with their autograd node)
+        shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
+        x_shifted = x_grouped - shift
+        sums, squares = sample_moments(x_shifted, False, link)
+        deviations = squares - sums.square() / positions
+        return self._eval_maps_about(x_shifted, deviations, shift.squeeze(-1))
+
+    def _unshifted_is_accurate(self, squares: Tensor, deviations: Tensor) -> bool:
+        """Whether every ``(image, channel)`` has ``mean^2 <= R var`` (``R =``
+        :attr:`UNSHIFTED_MEAN_RATIO`), so that the one-pass deviations
+        ``D = Q - S^2 / L`` lose at most ``log10(1 + R)`` digits. With the
+        squares ``Q = L (mean^2 + var)`` and ``D = L var`` that is
+        ``Q <= (1 + R) D`` (NaN compares False)."""
+        if not _may_branch_on_data(squares):
+            return False
+        with torch.no_grad():
+            return bool(torch.all(
+                squares <= deviations * (1 + self.UNSHIFTED_MEAN_RATIO)))
+
+    def _eval_maps_about(self, source: Tensor, deviations: Tensor,
+                         shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """Eval maps for ``source = x - shift`` (``shift`` ``(N, G, d)``, or
+        ``None`` for the input itself) from the sums of squared deviations
+        ``(N, G, d)`` of each ``(image, channel)``."""
         ce = self.ce
-        dtype = x_shifted.dtype
-        _, groups, size, positions = x_shifted.shape
-        sums, squares = sample_moments(x_shifted, with_gram=False)
+        dtype = source.dtype
+        _, groups, size, positions = source.shape
         bn_scale = self._bn_scale(self.running_var.to(dtype))
         scale_g = bn_scale.view(groups, size)
-        # b_n = a (shift_n - running_mean) + beta: the difference of two close
-        # numbers is exact, so large means cost no precision.
+        beta = self._bn_beta(bn_scale).view(groups, size)
         running_mean = self.running_mean.to(dtype).view(groups, size)
-        shift_n = scale_g * (shift - running_mean) + self._bn_beta(
-            bn_scale).view(groups, size)
-        instance_var = self._instance_variance(sums, squares, positions)
+        # b = a (shift - running_mean) + beta: the BN output of the shift
+        # (the difference of two close numbers is exact: large means cost no
+        # precision). Without a shift it is one (G, d) constant.
+        if shift is None:
+            bn_shift = torch.addcmul(beta, scale_g, running_mean, value=-1)
+        else:
+            bn_shift = torch.addcmul(beta, scale_g, shift - running_mean)
+        # unbiased per-instance variance of y = a x, (N, C)
+        instance_var_y = deviations.clamp_min(0).flatten(1) * (
+            bn_scale.square() / (positions - 1))
         return self._maps(ce.running_whitening.to(dtype),
-                          ce.aii.running_scale.to(dtype),
-                          instance_var * bn_scale.square(), scale_g, shift_n,
-                          ce.running_mean.to(dtype).squeeze(-1))
+                          ce.aii.running_scale.to(dtype), instance_var_y,
+                          scale_g, bn_shift,
+                          ce.running_mean.to(dtype).squeeze(-1)) + (source, )
 
     def _maps(self, whitening: Tensor, aii_scale: Tensor, instance_var_y: Tensor,
               scale_g: Tensor, shift_n: Tensor,
