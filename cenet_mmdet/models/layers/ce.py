@@ -340,13 +340,17 @@ class CE(nn.BatchNorm2d):
             return self.bias.to(like.dtype)
         return like.new_zeros(self.num_features)
 
-    def _instance_variance(self, sums: Tensor, squares: Tensor,
-                           positions: int) -> Tensor:
-        """Unbiased per-instance variance ``(N, C)`` of the BN input."""
-        # (S_q - S^2 / L) / (L - 1), clamped at 0 (no python-float ``value=``
-        # arguments depending on L: traced for ONNX, L is a tensor)
-        var = squares - sums.square() / positions
-        return (var / (positions - 1)).clamp_min(0).flatten(1)
+    @staticmethod
+    def _deviations(sums: Tensor, squares: Tensor, positions: int) -> Tensor:
+        """``sum_l (x_l - mean)^2 = Q - S^2 / L`` per (image, channel),
+        ``(N, G, d)`` (plain ops: traced for ONNX, ``L`` is a tensor)."""
+        return squares - sums.square() / positions
+
+    @staticmethod
+    def _instance_variance(deviations: Tensor, positions: int) -> Tensor:
+        """Unbiased per-instance variance ``(N, C)`` of the BN input, clamped
+        at 0."""
+        return (deviations / (positions - 1)).clamp_min(0).flatten(1)
 
     def _check_batch(self, x_grouped: Tensor) -> None:
         if x_grouped.size(0) == 0:
@@ -369,7 +373,8 @@ class CE(nn.BatchNorm2d):
         channels = groups * size
         sums, gram = sample_moments(x_shifted, True, link)  # about shift
         squares = gram.diagonal(dim1=-2, dim2=-1)  # (N, G, d)
-        instance_var = self._instance_variance(sums, squares, positions)
+        instance_var = self._instance_variance(
+            self._deviations(sums, squares, positions), positions)
         # Batch sums about one reference t shared by all workers.
         reference = self._common_shift(shift)  # (G, d)
         offset = shift - reference  # (N, G, d)
@@ -471,15 +476,14 @@ class CE(nn.BatchNorm2d):
         """
         positions = x_grouped.size(-1)
         sums, squares = sample_moments(x_grouped, False, link)
-        # sum_l (x_l - mean)^2 = Q - S^2 / L, (N, G, d)
-        deviations = squares - sums.square() / positions
+        deviations = self._deviations(sums, squares, positions)
         if self._unshifted_is_accurate(squares, deviations):
             return self._eval_maps_about(x_grouped, deviations, None)
         # (the unshifted moments are dropped, with their autograd node)
         shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
         x_shifted = x_grouped - shift
         sums, squares = sample_moments(x_shifted, False, link)
-        deviations = squares - sums.square() / positions
+        deviations = self._deviations(sums, squares, positions)
         return self._eval_maps_about(x_shifted, deviations, shift.squeeze(-1))
 
     def _unshifted_is_accurate(self, squares: Tensor, deviations: Tensor) -> bool:
@@ -514,8 +518,7 @@ class CE(nn.BatchNorm2d):
         else:
             bn_shift = torch.addcmul(beta, scale_g, shift - running_mean)
         # unbiased per-instance variance of y = a x, (N, C)
-        instance_var_y = deviations.clamp_min(0).flatten(1) * (
-            bn_scale.square() / (positions - 1))
+        instance_var_y = self._instance_variance(deviations, positions) * bn_scale.square()
         return self._maps(ce.running_whitening.to(dtype),
                           ce.aii.running_scale.to(dtype), instance_var_y,
                           scale_g, bn_shift,
