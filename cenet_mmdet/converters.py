@@ -137,16 +137,27 @@ def _abbreviate(keys: Sequence[str], limit: int = 8) -> str:
     return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
 
 
-def load_source(path: str, unsafe_load: bool = False) -> object:
-    """``torch.load`` the source on CPU, with ``weights_only=True`` unless
-    ``unsafe_load`` (only for files you trust)."""
+def check_source_file(path: str) -> None:
+    """Refuse a source that is not a readable, undamaged file."""
     from .compat import damaged_checkpoint_reason
+    if osp.isdir(path):
+        raise ConversionError(f'the source {path} is a directory; give the '
+                              f'checkpoint file inside it (e.g. {path}/epoch_N.pth)')
     if not osp.isfile(path):
         raise ConversionError(f'source checkpoint not found: {path}')
     # checked first: a flipped byte in a stored tensor would load silently
     damage = damaged_checkpoint_reason(path)
     if damage is not None:
-        raise ConversionError(f'cannot read {path}: {damage}')
+        raise ConversionError(
+            f'cannot read {path}: {damage}. Convert another copy of the '
+            f'checkpoint (a run killed while saving leaves such a file: take '
+            f'an earlier epoch_N.pth).')
+
+
+def load_source(path: str, unsafe_load: bool = False) -> object:
+    """``torch.load`` the source on CPU, with ``weights_only=True`` unless
+    ``unsafe_load`` (only for files you trust)."""
+    check_source_file(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=not unsafe_load)
     except pickle.UnpicklingError as error:

@@ -1,7 +1,9 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 # MMDetection 3.3's tools/test.py, plus: the cenet_mmdet plugin is imported
-# from this repository (no PYTHONPATH needed), and launchers work on CPU-only
-# machines (gloo; see cenet_mmdet/engine/cpu_dist.py).
+# from this repository (no PYTHONPATH needed), a checkpoint that does not
+# cover the model is refused (cenet_mmdet/engine/checkpoint_check.py),
+# --cfg-options data_root=DIR moves every derived data path, and launchers
+# work on CPU-only machines (gloo; see cenet_mmdet/engine/cpu_dist.py).
 import argparse
 import os
 import os.path as osp
@@ -14,7 +16,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
-from cenet_mmdet.engine import (finish_distributed_run,  # noqa: E402
+from cenet_mmdet.engine import (CheckpointMismatchError,  # noqa: E402
+                                 check_checkpoint_covers,
+                                 finish_distributed_run, move_data_root,
                                  setup_cpu_distributed)
 from mmengine import ConfigDict  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -84,8 +88,11 @@ def main():
     # load config
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
+    original_data_root = cfg.get('data_root')
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    # data_root=DIR moves every path the config derived from its data_root
+    move_data_root(cfg, original_data_root)
 
     # work_dir is determined in this priority: CLI > segment in file > filename
     if args.work_dir is not None:
@@ -155,6 +162,14 @@ def main():
             'The dump file must be a pkl file.'
         runner.test_evaluator.metrics.append(
             DumpDetResults(out_file_path=args.out))
+
+    # a checkpoint that does not cover the model (missing tensors, other
+    # shapes) would be loaded non-strictly and tested with initial weights
+    try:
+        check_checkpoint_covers(runner.model, args.checkpoint)
+    except CheckpointMismatchError as error:
+        print(f'test.py: error: {error}', file=sys.stderr, flush=True)
+        sys.exit(1)
 
     # start testing
     runner.test()

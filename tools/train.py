@@ -1,8 +1,10 @@
 # Copyright (c) OpenMMLab. All rights reserved.
 # MMDetection 3.3's tools/train.py, plus: the cenet_mmdet plugin is imported
 # from this repository (no PYTHONPATH needed), a missing converted backbone
-# checkpoint stops the run with the conversion command, and launchers work on
-# CPU-only machines (gloo; see cenet_mmdet/engine/cpu_dist.py).
+# checkpoint stops the run with the conversion command, so does a checkpoint
+# that leaves CE layers untrained (cenet_mmdet/engine/checkpoint_check.py),
+# --cfg-options data_root=DIR moves every derived data path, and launchers
+# work on CPU-only machines (gloo; see cenet_mmdet/engine/cpu_dist.py).
 import argparse
 import os
 import os.path as osp
@@ -13,7 +15,8 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
-from cenet_mmdet.engine import (finish_distributed_run,  # noqa: E402
+from cenet_mmdet.engine import (CEWeightsError,  # noqa: E402
+                                 finish_distributed_run, move_data_root,
                                  setup_cpu_distributed)
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
@@ -128,6 +131,16 @@ def check_pretrained_checkpoints(cfg) -> None:
         raise FileNotFoundError(message)
 
 
+def add_ce_weights_check(cfg) -> None:
+    """Add :class:`cenet_mmdet.engine.CEWeightsCheckHook` to the run (once):
+    a ``load_from`` that leaves CE layers untrained stops before training."""
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(isinstance(hook, dict) and hook.get('type') == 'CEWeightsCheckHook'
+               for hook in hooks):
+        hooks.append(dict(type='CEWeightsCheckHook'))
+    cfg.custom_hooks = hooks
+
+
 def main():
     args = parse_args()
 
@@ -138,8 +151,11 @@ def main():
     # load config
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
+    original_data_root = cfg.get('data_root')
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
+    # data_root=DIR moves every path the config derived from its data_root
+    move_data_root(cfg, original_data_root)
 
     # work_dir is determined in this priority: CLI > segment in file > filename
     if args.work_dir is not None:
@@ -176,6 +192,7 @@ def main():
         cfg.load_from = args.resume
 
     check_pretrained_checkpoints(cfg)
+    add_ce_weights_check(cfg)
     # CPU-only machine with a launcher: gloo process group and a CPU DDP
     # wrapper (no-op when CUDA is available or --launcher none)
     setup_cpu_distributed(cfg, args.launcher)
@@ -189,8 +206,12 @@ def main():
         # if 'runner_type' is set in the cfg
         runner = RUNNERS.build(cfg)
 
-    # start training
-    runner.train()
+    # start training; a checkpoint that leaves CE untrained stops it first
+    try:
+        runner.train()
+    except CEWeightsError as error:
+        print(f'train.py: error: {error}', file=sys.stderr, flush=True)
+        sys.exit(1)
 
     # Destroy the process group and, in a multi-process run, exit without
     # interpreter finalization (where gloo threads can abort a finished run).

@@ -18,25 +18,30 @@ nothing is written.
 """
 import os.path as osp
 import pickle
+import warnings
 from collections import OrderedDict
 from typing import Dict, Mapping, Tuple
 
 from torch import Tensor
 
-from ..converters import (ConversionError, convert_state_dict, infer_depth,
-                          load_source, reference_state, save_atomic,
-                          split_checkpoint, validate)
+from ..converters import (ConversionError, check_source_file,
+                          convert_state_dict, infer_depth, load_source,
+                          reference_state, save_atomic, split_checkpoint,
+                          validate)
 
 BACKBONE_PREFIX = 'backbone.'
 HEAD_KEYS = ('head.fc.weight', 'head.fc.bias')
+#: top-level modules of an ImageClassifier besides the backbone
+CLASSIFIER_MODULES = ('head', 'neck', 'data_preprocessor')
 
 
 def load_mmengine_checkpoint(path: str, unsafe_load: bool = False) -> object:
     """Load an MMEngine checkpoint on CPU through MMEngine's loader, i.e. with
     ``weights_only=True`` and the allow-list of :mod:`cenet_mmdet.compat` (its
     message hub pickles ``HistoryBuffer`` methods), unless ``unsafe_load``."""
-    if unsafe_load or not osp.isfile(path):
+    if unsafe_load:
         return load_source(path, unsafe_load)
+    check_source_file(path)  # before MMEngine's loader (its advice is resume's)
     from mmengine.runner.checkpoint import CheckpointLoader
     try:
         return CheckpointLoader.load_checkpoint(path, map_location='cpu',
@@ -88,8 +93,8 @@ def check_backbone_state(state: Mapping[str, Tensor], source: str) -> Dict:
                 stage_with_ce=list(stage_with_ce))
 
 
-def classifier_to_backbone(src: str, dst: str,
-                           unsafe_load: bool = False) -> Dict:
+def classifier_to_backbone(src: str, dst: str, unsafe_load: bool = False,
+                           allow_no_ce: bool = False) -> Dict:
     """Write the backbone of an ``ImageClassifier`` checkpoint to ``dst``.
 
     Args:
@@ -99,6 +104,8 @@ def classifier_to_backbone(src: str, dst: str,
             backbone keys without ``backbone.``.
         unsafe_load: unpickle ``src`` fully (only for trusted files).
             Default: False.
+        allow_no_ce: accept a backbone without CE layers (a BN classifier),
+            with a warning; refused otherwise. Default: False.
 
     Returns:
         the ``meta`` written (with the backbone layout under ``'backbone'``).
@@ -118,7 +125,26 @@ def classifier_to_backbone(src: str, dst: str,
         raise ConversionError(
             f'{src}: no "{BACKBONE_PREFIX}*" keys, so not an ImageClassifier '
             f'checkpoint (first keys: {", ".join(list(state)[:4])}).{hint}')
+    others = sorted({k.split('.', 1)[0] for k in state
+                     if not k.startswith(BACKBONE_PREFIX)} - set(CLASSIFIER_MODULES))
+    if others:
+        raise ConversionError(
+            f'{src}: not an ImageClassifier checkpoint: it also holds '
+            f'{", ".join(m + ".*" for m in others)} (a detector?). '
+            f'cls2backbone.py extracts the backbone of an ImageNet classifier; '
+            f'to start a detector from a detector checkpoint use '
+            f'load_from=<checkpoint> in its config.')
     layout = check_backbone_state(backbone, src)
+    if not layout['stem_ce'] and not any(layout['stage_with_ce']):
+        if not allow_no_ce:
+            raise ConversionError(
+                f'{src}: the backbone has no CE layers (a BN ResNet classifier, '
+                f'ce_cfg=None?): a CEResNet config would start every CE layer '
+                f'from scratch. Extract a CE classifier, or pass --allow-no-ce '
+                f'if a CE-less backbone is what you want.')
+        warnings.warn(f'{src}: the backbone has no CE layers (--allow-no-ce): '
+                      f'load it into CEResNet(ce_cfg=None), or set '
+                      f'ce_from_scratch=True on a CE backbone')
     source_meta = checkpoint.get('meta', {}) if isinstance(checkpoint, Mapping) else {}
     meta = dict(
         converted_from=osp.basename(src),
@@ -178,7 +204,7 @@ def released_to_classifier(src: str, dst: str,
 
 
 def _run(prog: str, function, description: str, src_help: str,
-         dst_help: str, argv=None) -> int:
+         dst_help: str, argv=None, allow_no_ce: bool = False) -> int:
     import argparse
     import sys
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -187,9 +213,18 @@ def _run(prog: str, function, description: str, src_help: str,
     parser.add_argument('--unsafe-load', action='store_true',
                         help='torch.load with weights_only=False (only for '
                         'files you trust)')
+    if allow_no_ce:
+        parser.add_argument('--allow-no-ce', action='store_true',
+                            help='accept a backbone without CE layers (a BN '
+                            'classifier); refused by default')
     args = parser.parse_args(argv)
+    options = dict(allow_no_ce=args.allow_no_ce) if allow_no_ce else {}
     try:
-        meta = function(args.src, args.dst, args.unsafe_load)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            meta = function(args.src, args.dst, args.unsafe_load, **options)
+        for warning in caught:
+            print(f'{prog}: warning: {warning.message}', file=sys.stderr)
     except ConversionError as error:
         print(f'{prog}: error: {error}', file=sys.stderr)
         print(f'{prog}: nothing written to {args.dst}', file=sys.stderr)
@@ -212,7 +247,7 @@ def cls2backbone_main(argv=None) -> int:
         '(init_cfg=dict(type="Pretrained", checkpoint=DST)).',
         'classifier checkpoint (e.g. work_dirs/ce-resnet101_8xb32_in1k/'
         'epoch_100.pth)', 'output, e.g. checkpoints/cenet_r101_imagenet_mmdet.pth',
-        argv)
+        argv, allow_no_ce=True)
 
 
 def cenet2cls_main(argv=None) -> int:

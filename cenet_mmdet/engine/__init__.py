@@ -14,3 +14,14 @@ __all__ += ['CPUDistributedDataParallel', 'CPUSyncBatchNorm',
 from .random_state import RandomStateHook  # noqa: E402
 
 __all__ += ['RandomStateHook']
+
+from .checkpoint_check import (CEWeightsCheckHook,  # noqa: E402
+                               CEWeightsError, CheckpointMismatchError,
+                               check_checkpoint_covers, checkpoint_mismatch)
+
+__all__ += ['CEWeightsCheckHook', 'CEWeightsError', 'CheckpointMismatchError',
+            'check_checkpoint_covers', 'checkpoint_mismatch']
+
+from .data_root import move_data_root  # noqa: E402
+
+__all__ += ['move_data_root']

@@ -172,6 +172,8 @@ class RandomStateHook(Hook):
         self._loaded, self._loaded_at = None, None
         if states is None:
             return
+        if not getattr(runner, '_resume', False):
+            return  # a load of weights (load_from, tools/test.py): nothing to restore
         if len(states) != get_world_size():
             print_log(
                 f'RandomStateHook: the checkpoint holds random states of '

@@ -405,3 +405,97 @@ def test_usage_error(capsys):
     assert exit_info.value.code == 2
     assert 'usage: cenet2mmdet.py' in capsys.readouterr().err
 
+
+
+# ------------------------------------------- cls2backbone: what it refuses
+def _classifier_state(ce: bool = True):
+    torch.manual_seed(0)
+    backbone = CEResNet(depth=50, ce_cfg=dict(type='CE') if ce else None)
+    state = OrderedDict((f'backbone.{k}', v) for k, v in backbone.state_dict().items())
+    state['head.fc.weight'] = torch.randn(10, 2048)
+    state['head.fc.bias'] = torch.zeros(10)
+    return state
+
+
+def _cls2backbone(tmp_path, capsys, checkpoint, *args):
+    from cenet_mmdet.classification.checkpoints import cls2backbone_main
+    src = tmp_path / 'src.pth'
+    if checkpoint is not None:
+        torch.save(checkpoint, src)
+    dst = tmp_path / 'out' / 'backbone.pth'
+    capsys.readouterr()
+    rc = cls2backbone_main([str(src), str(dst), *args])
+    out, err = capsys.readouterr()
+    return rc, out, err, dst
+
+
+def _assert_cls_refused(rc, err, dst, *fragments):
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert lines[0].startswith('cls2backbone.py: error:'), err
+    assert lines[-1] == f'cls2backbone.py: nothing written to {dst}'
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert not dst.exists()
+
+
+def test_cls2backbone_refuses_a_detector_checkpoint(tmp_path, capsys):
+    state = _classifier_state()
+    del state['head.fc.weight'], state['head.fc.bias']
+    state['neck.lateral_convs.0.conv.weight'] = torch.zeros(256, 256, 1, 1)
+    state['rpn_head.rpn_conv.weight'] = torch.zeros(256, 256, 3, 3)
+    state['roi_head.bbox_head.fc_cls.weight'] = torch.zeros(81, 1024)
+    rc, _, err, dst = _cls2backbone(tmp_path, capsys, dict(state_dict=state, meta={}))
+    _assert_cls_refused(rc, err, dst, 'not an ImageClassifier checkpoint',
+                        'roi_head.*, rpn_head.* (a detector?)', 'load_from=')
+
+
+def test_cls2backbone_refuses_a_bn_classifier_unless_asked(tmp_path, capsys):
+    checkpoint = dict(state_dict=_classifier_state(ce=False), meta={})
+    rc, _, err, dst = _cls2backbone(tmp_path, capsys, checkpoint)
+    _assert_cls_refused(rc, err, dst, 'the backbone has no CE layers',
+                        '--allow-no-ce')
+    rc, out, err, dst = _cls2backbone(tmp_path, capsys, checkpoint, '--allow-no-ce')
+    assert rc == 0, err
+    assert 'cls2backbone.py: warning:' in err and 'no CE layers' in err
+    assert 'stem_ce=False, stage_with_ce=(False, False, False, False)' in out
+    assert dst.exists()
+
+
+def test_cls2backbone_keeps_accepting_a_ce_classifier(tmp_path, capsys):
+    rc, out, err, dst = _cls2backbone(
+        tmp_path, capsys, dict(state_dict=_classifier_state(), meta={}))
+    assert rc == 0, err
+    assert err == ''
+    saved = torch.load(dst, map_location='cpu', weights_only=True)['state_dict']
+    assert sum(k.endswith('.ce.running_whitening') for k in saved) == 14
+
+
+def test_cls2backbone_says_a_directory_is_a_directory(tmp_path, capsys):
+    from cenet_mmdet.classification.checkpoints import cls2backbone_main
+    folder = tmp_path / 'work_dirs' / 'ce-resnet50_8xb32_in1k'
+    folder.mkdir(parents=True)
+    dst = tmp_path / 'out.pth'
+    for convert in (lambda: cls2backbone_main([str(folder), str(dst)]),
+                    lambda: main([str(folder), str(dst)])):
+        capsys.readouterr()
+        assert convert() == 1
+        err = capsys.readouterr().err
+        assert f'the source {folder} is a directory' in err, err
+        assert 'not found' not in err
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'flipped'])
+def test_cls2backbone_damaged_file_message_is_about_converting(tmp_path, capsys,
+                                                               damage):
+    src = tmp_path / 'src.pth'
+    torch.save(dict(state_dict=_classifier_state(), meta={}), src)
+    data = bytearray(src.read_bytes())
+    if damage == 'truncated':
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    src.write_bytes(bytes(data))
+    rc, _, err, dst = _cls2backbone(tmp_path, capsys, None)
+    _assert_cls_refused(rc, err, dst, f'cannot read {src}')
+    assert '--resume' not in err and 'Resume' not in err

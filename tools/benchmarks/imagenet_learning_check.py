@@ -44,7 +44,8 @@ MODELS = {'ce': ('CE-ResNet-50', []),
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        description=' '.join(__doc__.split('\n\n')[0].split()))
     parser.add_argument('--work-dir', default='work_dirs/imagenet_learning_check')
     parser.add_argument('--models', nargs='+', default=['ce', 'bn'],
                         choices=sorted(MODELS))

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/model_converters/cls2backbone.py SRC DST [--unsafe-load]
+    python tools/model_converters/cls2backbone.py SRC DST [--unsafe-load] [--allow-no-ce]
 """
 import os.path as osp
 import sys

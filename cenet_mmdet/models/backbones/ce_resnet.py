@@ -27,8 +27,9 @@ reach CE layers (their BN statistics and CE buffers stop updating, their
 parameters including lambda and the AII gate stop receiving gradients).
 """
 import copy
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import torch
 from mmcv.cnn import build_norm_layer
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmdet.models.layers import ResLayer
@@ -36,6 +37,13 @@ from mmdet.registry import MODELS
 from torch import nn
 
 from ..layers import CE
+
+CE_CONVERTER = 'tools/model_converters/cenet2mmdet.py'
+CLS_CONVERTER = 'tools/model_converters/cls2backbone.py'
+
+
+class CEWeightsError(RuntimeError):
+    """A checkpoint was loaded into a CEResNet but left CE layers untrained."""
 
 #: CE stages used when ``stage_with_ce`` is not given, by depth (see CEResNet).
 DEFAULT_STAGE_WITH_CE = {
@@ -62,6 +70,13 @@ def _located_error(err: ValueError, where: str, switch_off: str) -> ValueError:
         f'options for this width in ce_cfg (e.g. reduction, group_size; '
         f'stem_group_size for the stem), use more channels (base_channels, '
         f'stem_channels), or leave CE out there ({switch_off}).')
+
+
+def _pretrained_cfgs(init_cfg) -> List[dict]:
+    """The ``Pretrained`` entries of an ``init_cfg`` (a dict, a list or None)."""
+    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    return [cfg for cfg in cfgs if isinstance(cfg, dict)
+            and cfg.get('type') in ('Pretrained', 'PretrainedInit')]
 
 
 class CEBottleneck(Bottleneck):
@@ -109,9 +124,12 @@ class CEBottleneck(Bottleneck):
             super().init_weights()
             return
         ce_block = self.norm3.ce
-        saved = {k: v.detach().clone() for k, v in ce_block.state_dict().items()}
+        tensors = ce_block.state_dict(keep_vars=True)
+        saved = {k: v.detach().clone() for k, v in tensors.items()}
         super().init_weights()
-        ce_block.load_state_dict(saved)
+        with torch.no_grad():  # in place: not a load (CEBlock.loaded unchanged)
+            for key, tensor in tensors.items():
+                tensor.copy_(saved[key])
 
 
 @MODELS.register_module()
@@ -156,6 +174,14 @@ class CEResNet(ResNet):
         stem_ce: put CE after the stem norm. Default: True.
         stem_group_size: whitening group size of the stem CE (overrides
             ``ce_cfg['group_size']`` for the stem). Default: 64 (one group).
+        ce_from_scratch: the opt-in for a pretrained checkpoint without CE
+            tensors (a BN ResNet): CE starts from its initial values and
+            trains. By default (False) a ``Pretrained`` ``init_cfg`` (or a
+            runner's ``load_from``, checked by ``tools/train.py``) that leaves
+            CE layers unloaded raises :class:`CEWeightsError`. Even with the
+            opt-in, unloaded CE layers that cannot train (``norm_eval=True``,
+            ``requires_grad=False``, ``frozen_gate=True`` or a frozen stage)
+            are refused. Default: False.
         **kwargs: the arguments of ``mmdet.models.backbones.ResNet``.
 
     Shape:
@@ -182,6 +208,7 @@ class CEResNet(ResNet):
                  stage_with_ce: Optional[Sequence[bool]] = None,
                  stem_ce: bool = True,
                  stem_group_size: int = 64,
+                 ce_from_scratch: bool = False,
                  num_stages: int = 4,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  **kwargs) -> None:
@@ -213,6 +240,7 @@ class CEResNet(ResNet):
         self.stage_with_ce = tuple(bool(flag) for flag in stage_with_ce)
         self.stem_ce = bool(stem_ce)
         self.stem_group_size = stem_group_size
+        self.ce_from_scratch = bool(ce_from_scratch)
         self._num_res_layers_made = 0
         super().__init__(depth, num_stages=num_stages, norm_cfg=norm_cfg,
                          **kwargs)
@@ -221,6 +249,72 @@ class CEResNet(ResNet):
     def num_ce_layers(self) -> int:
         """How many CE layers the backbone holds."""
         return sum(isinstance(m, CE) for m in self.modules())
+
+    # ------------------------------------------------ pretrained CE weights
+    def ce_layers(self) -> List[Tuple[str, CE]]:
+        """``(name, layer)`` of every CE layer, in module order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, CE)]
+
+    def unloaded_ce_layers(self) -> List[str]:
+        """Names of the CE layers whose CE block never came from a state dict
+        (``CEBlock.loaded``): they hold their construction-time values."""
+        return [name for name, layer in self.ce_layers() if not layer.ce.loaded]
+
+    def _frozen_reasons(self, layer: CE) -> List[str]:
+        """Why an untrained CE layer would never change (empty: it trains)."""
+        reasons = []
+        if self.norm_eval:
+            reasons.append('norm_eval=True')
+        if layer.frozen_gate:
+            reasons.append('frozen_gate=True')
+        elif not all(p.requires_grad for p in layer.parameters()):
+            reasons.append('requires_grad=False or a frozen stage')
+        return reasons
+
+    def check_ce_weights(self, source: str) -> None:
+        """Raise :class:`CEWeightsError` if, after loading ``source`` (a
+        description of the checkpoint), CE layers are left at their initial
+        values and that was not asked for (``ce_from_scratch``), or cannot
+        train."""
+        unloaded = self.unloaded_ce_layers()
+        if not unloaded:
+            return
+        total = len(self.ce_layers())
+        layers = dict(self.ce_layers())
+        names = ', '.join(unloaded[:3]) + (', ...' if len(unloaded) > 3 else '')
+        what = (f'CEResNet: {len(unloaded)} of {total} CE layers ({names}) got '
+                f'no CE weights from {source}')
+        if not self.ce_from_scratch:
+            raise CEWeightsError(
+                f'{what}; it looks like a checkpoint without CE (a BN ResNet). '
+                f'Use a CE checkpoint: convert the released CE-ResNet-50 with '
+                f'`python {CE_CONVERTER} <released.pth> <out.pth>`, or extract '
+                f'an ImageNet CE classifier\'s backbone with `python '
+                f'{CLS_CONVERTER} <epoch_N.pth> <out.pth>`. To train CE from its '
+                f'initial values on this backbone instead, set '
+                f'model.backbone.ce_from_scratch=True (with trainable CE: '
+                f'norm_eval=False, requires_grad=True, no frozen_gate).')
+        frozen = {name: self._frozen_reasons(layers[name]) for name in unloaded}
+        frozen = {name: why for name, why in frozen.items() if why}
+        if frozen:
+            name, why = next(iter(frozen.items()))
+            raise CEWeightsError(
+                f'{what}, and ce_from_scratch=True, but {len(frozen)} of them '
+                f'cannot train ({name}: {", ".join(why)}): a frozen untrained '
+                f'CE block keeps its initial values for the whole run. Set '
+                f'norm_eval=False, requires_grad=True in norm_cfg, no '
+                f'frozen_gate and frozen_stages below the CE stages, or load '
+                f'CE weights.')
+
+    def init_weights(self) -> None:
+        """MMEngine's init (``Pretrained`` loads here), then
+        :meth:`check_ce_weights` when a ``Pretrained`` checkpoint was
+        loaded."""
+        super().init_weights()
+        checkpoints = [cfg.get('checkpoint') for cfg in _pretrained_cfgs(self.init_cfg)]
+        if checkpoints:
+            self.check_ce_weights(f'checkpoint {checkpoints[-1]!r} (Pretrained '
+                                  f'init_cfg)')
 
     def train(self, mode: bool = True) -> 'CEResNet':
         """``ResNet.train`` (norm_eval, frozen stages: CE layers included),

@@ -34,6 +34,15 @@ Design notes
 * All statistics, the covariance and the Newton iteration run in float32 (float64
   for float64 inputs), also under ``torch.autocast``; the output has the input's
   dtype.
+* A training batch whose statistics are not finite (NaN/Inf input, e.g. an
+  AMP overflow) leaves every running buffer at its last finite value; the
+  output is NaN like the input. The skip is decided on the device
+  (``torch.where``), counted in the non-persistent buffer
+  ``nonfinite_skips`` and logged once per :attr:`CE.NONFINITE_LOG_EVERY`
+  skips (the count is read every update on the CPU, every
+  :attr:`CE.NONFINITE_CHECK_EVERY` updates elsewhere).
+* Loads are recorded: ``ce.loaded`` says whether the CE block's tensors have
+  come from a state dict (see ``CEResNet.check_ce_weights``).
 * Definitional choices beyond the released code (each is exact whenever the
   released code does not divide by zero): ``running_scale`` starts at 1 (the
   released code starts at 0, so an untrained block divides by zero in eval),
@@ -41,10 +50,12 @@ Design notes
   per-instance variances are clamped at 0.
 """
 import contextlib
+import logging
 from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from ...ops import (GradientLink, apply_maps, fold_channel_equilibrium,
@@ -200,10 +211,27 @@ class CEBlock(nn.Module):
         # A real (G, d, d) tensor, not an expanded identity.
         self.register_buffer('running_whitening',
                              torch.eye(size).repeat(groups, 1, 1))
+        #: whether every tensor of the block has come from a state dict at
+        #: least once (else they hold their construction-time values)
+        self.loaded = False
 
     def freeze_gate(self) -> None:
         """Fix lambda and the AII gate F (the paper's SyncCE detection setting)."""
         _params_to_buffers(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        """Record in :attr:`loaded` whether this load holds every tensor of
+        the block with its shape (torch's and MMEngine's loaders both come
+        through here, strict or not)."""
+        expected = self.state_dict(keep_vars=True)
+        complete = all(
+            prefix + key in state_dict
+            and getattr(state_dict[prefix + key], 'shape', None) == value.shape
+            for key, value in expected.items())
+        self.loaded = self.loaded or complete
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return (f'{self.num_channels}, group_size={self.group_size}, '
@@ -237,6 +265,11 @@ class CE(nn.BatchNorm2d):
     #: (image, channel) has ``mean^2 <= UNSHIFTED_MEAN_RATIO * var`` (at most 2
     #: digits lost); otherwise about a per-(image, channel) shift.
     UNSHIFTED_MEAN_RATIO = 100.0
+    #: a skipped (non-finite) running-statistics update is logged once per
+    #: this many skips of the layer (the 1st, the N+1-th, ...)
+    NONFINITE_LOG_EVERY = 100
+    #: off the CPU the skip count is read once per this many updates
+    NONFINITE_CHECK_EVERY = 100
 
     def __init__(self,
                  num_features: int,
@@ -262,6 +295,11 @@ class CE(nn.BatchNorm2d):
                           whitening)
         if frozen_gate:
             self.ce.freeze_gate()
+        # training batches whose statistics were not finite (not saved)
+        self.register_buffer('nonfinite_skips', torch.zeros((), dtype=torch.long),
+                             persistent=False)
+        self._nonfinite_seen = 0
+        self._updates_unread = 0
 
     @property
     def frozen_gate(self) -> bool:
@@ -445,9 +483,13 @@ class CE(nn.BatchNorm2d):
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor,
                         has_data: Tensor, mean_y: Tensor, whitening: Tensor,
                         aii_scale: Tensor) -> None:
-        """Momentum update of every running buffer; none when ``has_data`` is
-        False (decided on the device: no host synchronization)."""
-        weight = self.momentum * has_data.to(mean.dtype)
+        """Momentum update of every running buffer.
+
+        None when ``has_data`` is False, and none when any new statistic is
+        not finite (a NaN/Inf batch, e.g. an AMP overflow): the buffers keep
+        their last finite values and :attr:`nonfinite_skips` counts the skip.
+        Both are decided on the device (``torch.where``: no host
+        synchronization)."""
         ce = self.ce
         updates = (
             (self.running_mean, mean),
@@ -457,9 +499,49 @@ class CE(nn.BatchNorm2d):
             (ce.aii.running_scale, aii_scale.reshape(1)),
         )
         with torch.no_grad():
-            self.num_batches_tracked.add_(has_data.to(self.num_batches_tracked.dtype))
+            finite = torch.stack([torch.isfinite(value).all()
+                                  for _, value in updates]).all()
+            accept = has_data & finite
+            self.nonfinite_skips.add_((has_data & ~finite).to(self.nonfinite_skips.dtype))
+            self.num_batches_tracked.add_(accept.to(self.num_batches_tracked.dtype))
             for buffer, value in updates:
-                buffer.lerp_(value.to(buffer.dtype), weight.to(buffer.dtype))
+                # lerp(b, b, w) == b exactly: a rejected update changes nothing
+                value = torch.where(accept, value.to(buffer.dtype), buffer)
+                buffer.lerp_(value, self.momentum)
+        if self._should_read_skips(mean):
+            self._report_nonfinite_skips()
+
+    def _should_read_skips(self, like: Tensor) -> bool:
+        """Whether to read :attr:`nonfinite_skips` now: every update eagerly on
+        the CPU, every :attr:`NONFINITE_CHECK_EVERY` updates on other devices
+        (one host synchronization per that many), never when traced or
+        compiled."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return False
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return False
+        if like.device.type == 'cpu':
+            return True
+        self._updates_unread += 1
+        if self._updates_unread < self.NONFINITE_CHECK_EVERY:
+            return False
+        self._updates_unread = 0
+        return True
+
+    def _report_nonfinite_skips(self) -> None:
+        """Log the 1st, (N+1)-th, (2N+1)-th, ... skipped update (``N =``
+        :attr:`NONFINITE_LOG_EVERY`)."""
+        skips, seen = int(self.nonfinite_skips), self._nonfinite_seen
+        self._nonfinite_seen = skips
+        every = self.NONFINITE_LOG_EVERY
+        if (skips - 1) // every <= (seen - 1) // every:
+            return
+        print_log(
+            f'{type(self).__name__}({self.num_features}): a training batch gave '
+            f'non-finite statistics (NaN/Inf input, e.g. an AMP overflow); its '
+            f'running statistics keep their last finite values ({skips} '
+            f'batch(es) skipped so far in this layer; logged once per {every}).',
+            logger='current', level=logging.WARNING)
 
     def _eval_maps(self, x_grouped: Tensor,
                    link: Optional[GradientLink] = None
