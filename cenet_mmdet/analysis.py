@@ -110,6 +110,43 @@ def parse_model_specs(items: Sequence[str],
             for label, config, ckpt in zip(labels, configs, checkpoints)]
 
 
+def _path_problem(kind: str, label: str, path: str) -> Optional[str]:
+    """Why ``path`` (the ``kind`` of model ``label``) cannot be read, or None.
+
+    Remote checkpoints (``scheme://...``) and package configs
+    (``mmdet::...``) are left to MMEngine.
+    """
+    if '://' in path or (kind == 'config' and '::' in path):
+        return None
+    if osp.isdir(path):
+        return f'{kind} of {label!r} is a directory, not a file: {path}'
+    if not osp.isfile(path):
+        return f'{kind} of {label!r} not found: {path}'
+    return None
+
+
+def check_model_files(specs: Sequence[ModelSpec]) -> None:
+    """Check every CONFIG and CHECKPOINT path before any model is analysed.
+
+    Raises:
+        AnalysisError: one line naming every missing path (or directory).
+    """
+    problems = [_path_problem(kind, spec.label, path) for spec in specs
+                for kind, path in (('config', spec.config),
+                                   ('checkpoint', spec.checkpoint))]
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise AnalysisError('; '.join(problems))
+
+
+def model_specs(args) -> List[ModelSpec]:
+    """The tools' :class:`ModelSpec` list from parsed arguments (``models``,
+    ``labels``), every path checked first (:func:`check_model_files`)."""
+    specs = parse_model_specs(args.models, args.labels)
+    check_model_files(specs)
+    return specs
+
+
 # --------------------------------------------------------------------------
 # backbone layers
 # --------------------------------------------------------------------------
@@ -165,6 +202,26 @@ def default_ablation_layers(backbone: nn.Module) -> List[str]:
         norm = getattr(block, 'norm3_name', None) or block.norm2_name
         names.append(f'{layer_name}.0.{norm}')
     return names
+
+
+def shared_layer_order(name_lists: Sequence[Sequence[str]]) -> List[str]:
+    """One axis of layer names for several models.
+
+    The first list's order; a name that only a later list has is inserted
+    right after the nearest name preceding it in that list (at the start
+    when there is none). Models whose modules are registered in different
+    orders (CE-ResNet registers ``layerK.0.bn3`` after
+    ``layerK.0.downsample.1``) thus share one position per name.
+    """
+    order: List[str] = []
+    for names in name_lists:
+        for index, name in enumerate(names):
+            if name in order:
+                continue
+            before = [n for n in names[:index] if n in order]
+            position = order.index(before[-1]) + 1 if before else 0
+            order.insert(position, name)
+    return order
 
 
 def resolve_norm_layers(backbone: nn.Module,
@@ -622,14 +679,53 @@ def write_json(data: Dict, path: str) -> None:
         f.write('\n')
 
 
-def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
-    """A matplotlib figure with ``ncols`` axes on the non-interactive backend."""
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0,
+               nrows: int = 1):
+    """A matplotlib figure with ``nrows x ncols`` axes (each ``width x
+    height`` inches, listed row by row) on the non-interactive backend."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height),
+    fig, axes = plt.subplots(nrows, ncols,
+                             figsize=(width * ncols, height * nrows),
                              squeeze=False)
-    return fig, list(axes[0])
+    return fig, list(axes.flat)
+
+
+def grid_shape(num_panels: int, max_cols: int = 4) -> Tuple[int, int]:
+    """``(rows, cols)`` of a grid for ``num_panels`` panels, at most
+    ``max_cols`` per row."""
+    cols = max(1, min(num_panels, max_cols))
+    return math.ceil(num_panels / cols), cols
+
+
+def new_panel_grid(num_panels: int, max_cols: int = 4, width: float = 4.5,
+                   height: float = 4.0):
+    """A figure with ``num_panels`` axes on a :func:`grid_shape` grid (the
+    unused cells of the last row removed); returns ``(fig, axes)``."""
+    rows, cols = grid_shape(num_panels, max_cols)
+    fig, axes = new_figure(cols, width, height, nrows=rows)
+    for ax in axes[num_panels:]:
+        fig.delaxes(ax)
+    return fig, axes[:num_panels]
+
+
+MARKERS = ('o', 's', 'D', '^', 'v', 'P', 'X', '*')
+
+
+def curve_style(index: int) -> Dict:
+    """Line2D properties of the ``index``-th curve drawn on one axes.
+
+    Each curve gets its own marker, and later curves are drawn above
+    earlier ones with thinner lines and smaller, hollow markers: where two
+    curves coincide, the lower one still shows around (and inside) the
+    upper one.
+    """
+    return dict(marker=MARKERS[index % len(MARKERS)],
+                linewidth=1.0 + 2.0 * 0.6 ** index,
+                markersize=4.0 + 6.0 * 0.6 ** index,
+                fillstyle='full' if index == 0 else 'none',
+                markeredgewidth=1.5, zorder=2.0 + index / 100)
 
 
 def save_figure(fig, path: str) -> None:

@@ -66,7 +66,45 @@ def test_parse_model_specs_errors(items, labels, message):
         analysis.parse_model_specs(items, labels)
 
 
+def test_check_model_files_names_every_bad_path_in_one_line(tmp_path):
+    config, checkpoint = tmp_path / 'a.py', tmp_path / 'a.pth'
+    config.write_text('')
+    checkpoint.write_bytes(b'')
+    good = analysis.ModelSpec('A', str(config), str(checkpoint))
+    analysis.check_model_files([good])
+    # remote checkpoints and package configs are left to MMEngine
+    analysis.check_model_files([analysis.ModelSpec(
+        'R', 'mmdet::faster_rcnn/x.py', 'https://host/x.pth')])
+    missing = str(tmp_path / 'b.pth')
+    bad = [good, analysis.ModelSpec('B', str(tmp_path), missing),
+           analysis.ModelSpec('C', str(config), 's3://bucket/c.pth')]
+    with pytest.raises(analysis.AnalysisError) as info:
+        analysis.check_model_files(bad)
+    assert str(info.value) == (
+        f"config of 'B' is a directory, not a file: {tmp_path}; "
+        f"checkpoint of 'B' not found: {missing}")
+    with pytest.raises(analysis.AnalysisError, match="config of 'D' not "
+                       'found: nowhere.py$'):
+        analysis.check_model_files([analysis.ModelSpec('D', 'nowhere.py',
+                                                       str(checkpoint))])
+
+
 # -------------------------------------------------------------- layers
+def test_shared_layer_order():
+    bn = [n for n, _ in analysis.norm_layers(tiny_backbone(ce=False))]
+    ce = [n for n, _ in analysis.norm_layers(tiny_backbone(ce=True))]
+    # CE-ResNet registers bn3 after the downsample norm; ResNet before it
+    assert ce.index('layer1.0.downsample.1') < ce.index('layer1.0.bn3')
+    assert bn.index('layer1.0.bn3') < bn.index('layer1.0.downsample.1')
+    assert analysis.shared_layer_order([bn, ce]) == bn
+    assert analysis.shared_layer_order([ce, bn]) == ce
+    # names only in later lists go right after their predecessor there
+    assert analysis.shared_layer_order(
+        [['a', 'b', 'd'], ['a', 'c', 'd', 'e'], ['x', 'a'], []]) == [
+            'x', 'a', 'c', 'b', 'd', 'e']
+    assert analysis.shared_layer_order([]) == []
+
+
 def test_backbone_check_and_layer_names():
     backbone = tiny_backbone()
     detector = nn.Module()
@@ -355,6 +393,35 @@ def test_principal_components_against_eigendecomposition():
     assert summary[0]['mean'] == pytest.approx(float(first.mean()), rel=1e-12)
     assert summary[0]['min'] <= summary[0]['q1'] <= summary[0]['q3'] <= \
         summary[0]['max']
+
+
+# -------------------------------------------------------------- plots
+@pytest.mark.parametrize('panels, shape', [
+    (1, (1, 1)), (3, (1, 3)), (4, (1, 4)), (5, (2, 4)), (14, (4, 4)),
+    (16, (4, 4)), (17, (5, 4))])
+def test_panel_grid(panels, shape):
+    assert analysis.grid_shape(panels, max_cols=4) == shape
+    fig, axes = analysis.new_panel_grid(panels, 4, width=4.5, height=4.0)
+    assert len(axes) == len(fig.axes) == panels
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in axes] == [
+        shape] * panels
+    # row by row: panel k in row k // cols, column k % cols
+    for k, ax in enumerate(axes):
+        spec = ax.get_subplotspec()
+        assert (spec.rowspan.start, spec.colspan.start) == divmod(k, shape[1])
+    assert tuple(fig.get_size_inches()) == (4.5 * shape[1], 4.0 * shape[0])
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_curve_style_keeps_equal_curves_visible():
+    styles = [analysis.curve_style(i) for i in range(8)]
+    assert len({s['marker'] for s in styles}) == 8
+    assert [s['fillstyle'] for s in styles] == ['full'] + ['none'] * 7
+    for below, above in zip(styles, styles[1:]):
+        assert below['zorder'] < above['zorder']
+        assert below['linewidth'] > above['linewidth'] > 1
+        assert below['markersize'] > above['markersize'] > 4
 
 
 def test_markdown_table():

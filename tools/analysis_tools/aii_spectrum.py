@@ -23,8 +23,10 @@ CE-ResNet-50 has CE).
 
 Writes ``OUT_DIR/aii_spectrum.json`` (per model and layer: explained variance
 and ratio per component, and mean, std and quartiles of the projections) and
-``OUT_DIR/aii_spectrum.png`` (one box plot per layer: projections per
-component, one box per model) and prints a markdown table.
+``OUT_DIR/aii_spectrum.png`` (one box plot per layer, four per row:
+projections per component, one box per model) and prints a markdown table.
+Every CONFIG and CHECKPOINT path is checked before the first model is
+loaded.
 """
 import argparse
 import os.path as osp
@@ -96,11 +98,15 @@ def analyse_model(spec: analysis.ModelSpec, args: argparse.Namespace,
                 layers=results)
 
 
+#: panels per row of the figure (14 CE layers: 4 rows, 18 inches wide)
+MAX_COLUMNS = 4
+
+
 def plot(results: List[Dict], path: str) -> None:
-    """One panel per layer: box plots of the projections on each principal
-    component, one box per model."""
+    """One panel per layer, ``MAX_COLUMNS`` per row: box plots of the
+    projections on each principal component, one box per model."""
     names = [layer['name'] for layer in results[0]['layers']]
-    fig, axes = analysis.new_figure(len(names), width=4.5)
+    fig, axes = analysis.new_panel_grid(len(names), MAX_COLUMNS, width=4.5)
     for ax, layer_index in zip(axes, range(len(names))):
         width = 0.8 / len(results)
         for index, result in enumerate(results):
@@ -117,7 +123,8 @@ def plot(results: List[Dict], path: str) -> None:
             ax.plot([], [], 's', color=f'C{index}', label=result['label'])
         ax.set_xticks(range(1, data.shape[1] + 1))
         ax.set_xlabel('principal component')
-        ax.set_ylabel('projection of the per-image channel variances')
+        ax.set_ylabel('projection of per-image channel variances',
+                      fontsize=8)
         ax.set_title(f'AII input PCA: {names[layer_index]}', fontsize=9)
         ax.legend(fontsize=8)
     analysis.save_figure(fig, path)
@@ -141,7 +148,7 @@ def table(results: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    specs = analysis.parse_model_specs(args.models, args.labels)
+    specs = analysis.model_specs(args)
     results = []
     layer_names = args.layers
     for spec in specs:

@@ -28,7 +28,9 @@ ResNet-50: where CE-ResNet has CE, and the paper's "first normalization
 layers").
 
 Writes ``OUT_DIR/ablation.json`` and ``OUT_DIR/ablation.png`` (AP against
-ratio, box solid and mask dashed, per model) and prints a markdown table.
+ratio, box solid and mask dashed, per model; the title names the ablated
+layers and the number of test images) and prints a markdown table. Every
+CONFIG and CHECKPOINT path is checked before the first model is loaded.
 """
 import argparse
 import os
@@ -129,25 +131,52 @@ def ablate_model(spec: analysis.ModelSpec,
                      if isinstance(v, (int, float))}))
     return dict(label=spec.label, config=spec.config,
                 checkpoint=spec.checkpoint, backbone=type(backbone).__name__,
+                num_images=len(runner.test_loop.dataloader.dataset),
                 layers=[dict(name=n, type=type(m).__name__,
                              num_channels=m.num_features) for n, m in layers],
                 points=points)
 
 
+def _per_model(results: List[Dict], values: List[str]) -> str:
+    """``values[0]`` when every model has it, else ``LABEL: value; ...``."""
+    if len(set(values)) == 1:
+        return values[0]
+    return '; '.join(f'{r["label"]}: {v}' for r, v in zip(results, values))
+
+
+def describe(results: List[Dict]) -> str:
+    """The plot's title: what was ablated, and on how many test images."""
+    import textwrap
+    images = _per_model(results, [f'{r["num_images"]} test images'
+                                  for r in results])
+    layers = _per_model(results, [', '.join(layer['name']
+                                            for layer in r['layers'])
+                                  for r in results])
+    lines = [f'cumulative random channel ablation, {images}']
+    lines += textwrap.wrap(f'zeroed in: {layers}', 80)
+    return '\n'.join(lines)
+
+
 def plot(results: List[Dict], path: str) -> None:
-    """AP (x100) against ablation ratio: box solid, mask dashed."""
-    fig, (ax,) = analysis.new_figure(1)
+    """AP (x100) against ablation ratio: box solid, mask dashed; each curve
+    with its own marker, later ones thinner so that equal curves stay
+    visible; the title names the ablated layers and the image count."""
+    fig, (ax,) = analysis.new_figure(1, width=8.0, height=5.0)
+    curve = 0
     for index, result in enumerate(results):
         ratios = [p['ratio'] for p in result['points']]
-        for key, style, name in (('box_ap', '-o', 'box'),
-                                 ('mask_ap', '--s', 'mask')):
+        for key, linestyle, name in (('box_ap', '-', 'box'),
+                                     ('mask_ap', '--', 'mask')):
             values = [p[key] for p in result['points']]
-            if all(v is not None for v in values):
-                ax.plot(ratios, [100 * v for v in values], style,
-                        color=f'C{index}', label=f'{result["label"]} {name} AP')
-    ax.set_xlabel('fraction of channels zeroed in the ablated norm layers')
+            if any(v is None for v in values):
+                continue
+            ax.plot(ratios, [100 * v for v in values], linestyle=linestyle,
+                    color=f'C{index}', label=f'{result["label"]} {name} AP',
+                    **analysis.curve_style(curve))
+            curve += 1
+    ax.set_xlabel('fraction of channels zeroed in each ablated norm layer')
     ax.set_ylabel('COCO AP (x100)')
-    ax.set_title('cumulative random channel ablation')
+    ax.set_title(describe(results), fontsize=9)
     ax.legend(fontsize=8)
     analysis.save_figure(fig, path)
 
@@ -171,7 +200,7 @@ def table(results: List[Dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> Dict:
     from mmengine.dist import is_main_process
     args = parse_args(argv)
-    specs = analysis.parse_model_specs(args.models, args.labels)
+    specs = analysis.model_specs(args)
     results = [ablate_model(spec, args) for spec in specs]
     report = dict(tool='channel_ablation', ratios=args.ratios, seed=args.seed,
                   models=results)

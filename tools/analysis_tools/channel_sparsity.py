@@ -20,8 +20,9 @@ For each model (see ``cenet_mmdet/analysis.py`` for the exact definitions):
   first ``--num-images`` images of the config's test set, and their mean.
 
 Writes ``OUT_DIR/sparsity.json`` and ``OUT_DIR/sparsity.png`` (gamma and
-gamma_hat sparsity per layer; activation sparsity per feature map) and prints
-a markdown table.
+gamma_hat sparsity per layer, on one axis of layer names shared by the models;
+activation sparsity per feature map) and prints a markdown table. Every
+CONFIG and CHECKPOINT path is checked before the first model is loaded.
 """
 import argparse
 import os.path as osp
@@ -69,44 +70,64 @@ def analyse_model(spec: analysis.ModelSpec, args: argparse.Namespace) -> Dict:
     return result
 
 
-def plot(results: List[Dict], path: str, threshold: float) -> None:
-    """Left: gamma (solid) and gamma_hat (dashed, CE layers) sparsity per
-    layer; right: activation sparsity per feature map, one bar per model."""
-    fig, (ax_gamma, ax_act) = analysis.new_figure(2, width=7.0)
+def _plot_gamma(ax, results: List[Dict], threshold: float) -> None:
+    """gamma (solid) and gamma_hat (dashed, CE layers) sparsity per layer, on
+    one axis of layer names shared by the models."""
+    order = analysis.shared_layer_order(
+        [[r['name'] for r in result['layers']] for result in results])
+    position = {name: i for i, name in enumerate(order)}
+    curve = 0
     for index, result in enumerate(results):
-        color = f'C{index}'
-        layers = result['layers']
-        x = list(range(len(layers)))
-        ax_gamma.plot(x, [100 * (r['gamma_sparsity'] or 0) for r in layers],
-                      '-o', ms=3, color=color,
-                      label=f'{result["label"]}: |gamma|')
-        ce_rows = [(i, r) for i, r in enumerate(layers)
-                   if r['gamma_hat_sparsity'] is not None]
-        if ce_rows:
-            ax_gamma.plot([i for i, _ in ce_rows],
-                          [100 * r['gamma_hat_sparsity'] for _, r in ce_rows],
-                          '--s', ms=4, color=color, fillstyle='none',
-                          label=f'{result["label"]}: |gamma_hat| (CE layers)')
-    ax_gamma.set_xlabel('norm layer (backbone order)')
-    ax_gamma.set_ylabel(f'% of channels below {threshold:g}')
-    ax_gamma.set_title('gamma sparsity per layer')
-    ax_gamma.legend(fontsize=8)
+        for key, style, what in (('gamma_sparsity', '-', '|gamma|'),
+                                 ('gamma_hat_sparsity', '--',
+                                  '|gamma_hat| (CE layers)')):
+            rows = [r for r in result['layers'] if r[key] is not None]
+            if not rows:
+                continue
+            points = sorted((position[r['name']], 100 * r[key]) for r in rows)
+            ax.plot([x for x, _ in points], [y for _, y in points],
+                    linestyle=style, color=f'C{index}',
+                    label=f'{result["label"]}: {what}',
+                    **analysis.curve_style(curve))
+            curve += 1
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels(order, rotation=90, fontsize=8)
+    ax.set_xlim(-0.7, len(order) - 0.3)
+    ax.grid(axis='x', alpha=0.3)
+    ax.set_xlabel('norm layer')
+    ax.set_ylabel(f'% of channels below {threshold:g}')
+    ax.set_title('gamma sparsity per layer')
+    ax.legend(fontsize=8)
 
+
+def _plot_activation(ax, results: List[Dict], threshold: float) -> None:
+    """Activation sparsity per feature map, one bar per model."""
     maps = results[0]['activation']['feature_maps']
     width = 0.8 / len(results)
     for index, result in enumerate(results):
         values = [100 * m['sparsity']
                   for m in result['activation']['feature_maps']]
-        ax_act.bar([i + (index - (len(results) - 1) / 2) * width
-                    for i in range(len(values))], values, width,
-                   color=f'C{index}', label=result['label'])
-    ax_act.set_xticks(range(len(maps)))
-    ax_act.set_xticklabels([m['name'] for m in maps], rotation=30,
-                           ha='right', fontsize=7)
-    ax_act.set_ylabel(f'% of values below {threshold:g}')
-    ax_act.set_title('activation sparsity, first norm+ReLU maps '
-                     f'({results[0]["activation"]["num_images"]} images)')
-    ax_act.legend(fontsize=8)
+        ax.bar([i + (index - (len(results) - 1) / 2) * width
+                for i in range(len(values))], values, width,
+               color=f'C{index}', label=result['label'])
+    ax.set_xticks(range(len(maps)))
+    ax.set_xticklabels([m['name'] for m in maps], rotation=20, ha='right',
+                       fontsize=8)
+    ax.set_ylabel(f'% of values below {threshold:g}')
+    ax.set_title('activation sparsity, first norm+ReLU maps '
+                 f'({results[0]["activation"]["num_images"]} images)')
+    ax.legend(fontsize=8)
+
+
+def plot(results: List[Dict], path: str, threshold: float) -> None:
+    """Top: gamma and gamma_hat sparsity per layer name (the figure widens
+    with the number of layers, so that the names stay readable); bottom:
+    activation sparsity per feature map."""
+    num_layers = max(len(result['layers']) for result in results)
+    fig, (ax_gamma, ax_act) = analysis.new_figure(
+        1, width=max(10.0, 0.17 * num_layers + 1.5), height=4.5, nrows=2)
+    _plot_gamma(ax_gamma, results, threshold)
+    _plot_activation(ax_act, results, threshold)
     analysis.save_figure(fig, path)
 
 
@@ -131,7 +152,7 @@ def table(results: List[Dict], threshold: float) -> str:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
-    specs = analysis.parse_model_specs(args.models, args.labels)
+    specs = analysis.model_specs(args)
     results = [analyse_model(spec, args) for spec in specs]
     report = dict(tool='channel_sparsity', threshold=args.threshold,
                   num_maps=args.num_maps, num_images=args.num_images,
