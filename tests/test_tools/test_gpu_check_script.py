@@ -75,13 +75,14 @@ def test_dry_run_names_the_right_files(tmp_path):
             if arg.startswith(('tests/', 'tools/', 'configs/', REPO)):
                 path = arg if osp.isabs(arg) else osp.join(REPO, arg)
                 assert osp.exists(path) or 'work_dirs' in path, (name, arg)
-    for name, test_file in [('cuda_layers', 'test_cuda_ce.py'),
-                            ('cuda_amp', 'test_cuda_amp.py'),
-                            ('cuda_sync_ce', 'test_cuda_sync_ce.py')]:
+    for name, test_files in [('cuda_layers', ['test_cuda_ce.py',
+                                              'test_cuda_nonfinite.py']),
+                             ('cuda_amp', ['test_cuda_amp.py']),
+                             ('cuda_sync_ce', ['test_cuda_sync_ce.py'])]:
         argv = commands[name]
         assert argv[1:3] == ['-m', 'pytest'] and '-m' in argv[3:], name
         assert argv[argv.index('-m', 3) + 1] == 'cuda'
-        assert argv[-1] == f'tests/test_cuda/{test_file}'
+        assert argv[-len(test_files):] == [f'tests/test_cuda/{f}' for f in test_files]
     for name in ('bench_backbones', 'bench_detector'):
         argv = commands[name]
         assert argv[1] == 'tools/benchmarks/cuda_peak.py'
@@ -182,7 +183,7 @@ def test_cuda_peak_runs_the_script_with_its_arguments(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['test_cuda_ce.py', 'test_cuda_amp.py',
-                                  'test_cuda_sync_ce.py'])
+                                  'test_cuda_sync_ce.py', 'test_cuda_nonfinite.py'])
 def test_cuda_test_modules_are_marked_and_import_without_cuda(name):
     path = osp.join(REPO, 'tests', 'test_cuda', name)
     sys.path.insert(0, osp.dirname(path))

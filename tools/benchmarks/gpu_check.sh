@@ -6,7 +6,8 @@
 # Steps, each under `timeout`, all within GPU_CHECK_BUDGET_S (default 600 s):
 #   cuda_layers     pytest -m cuda tests/test_cuda/test_cuda_ce.py: CE (d=64, 16,
 #                   pool_stats), SyncCE at world size 1, CE-ResNet-50 narrow on
-#                   CUDA against float64 CPU references; mean/std 1e3; TF32
+#                   CUDA against float64 CPU references; mean/std 1e3; TF32;
+#                   test_cuda_nonfinite.py: a NaN batch skipped with no host sync
 #   cuda_amp        pytest -m cuda tests/test_cuda/test_cuda_amp.py: autocast
 #                   fp16/bf16 against float32
 #   cuda_sync_ce    pytest -m cuda tests/test_cuda/test_cuda_sync_ce.py: SyncCE in
@@ -149,7 +150,7 @@ backbone_flags() {  # the released-transcription row is slow and optional
 
 run_all() {
   local pytest=("$PY" -m pytest -q -p no:cacheprovider -m cuda -rs)
-  run_step cuda_layers 200 "$ROOT" "${pytest[@]}" tests/test_cuda/test_cuda_ce.py
+  run_step cuda_layers 200 "$ROOT" "${pytest[@]}" tests/test_cuda/test_cuda_ce.py tests/test_cuda/test_cuda_nonfinite.py
   [ "$DRY_RUN" = "1" ] || pytest_keys cuda_layers
   run_step cuda_amp 120 "$ROOT" "${pytest[@]}" tests/test_cuda/test_cuda_amp.py
   [ "$DRY_RUN" = "1" ] || pytest_keys cuda_amp
