@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 import cenet_mmdet
 from cenet_mmdet import compat
 from mmengine.logging import HistoryBuffer
+from mmengine.registry import DefaultScope
 from mmengine.runner.checkpoint import _load_checkpoint
 
 
@@ -64,7 +65,24 @@ def _runner(work_dir, max_iters, resume):
 
 
 def test_mmengine_checkpoint_resumes_with_weights_only(tmp_path):
-    """Save through the runner (message hub, history buffers), then resume."""
+    """Save through the runner (message hub, history buffers), then resume.
+
+    A Runner makes its ``default_scope`` current for good: the test puts the
+    previous one back (a later ``MODELS.build`` of ``CEResNet`` would fail
+    under the ``mmengine`` scope)."""
+    before = _current_scope_name()
+    with DefaultScope.overwrite_default_scope('mmengine'):
+        _resume_through_the_runner(tmp_path)
+        assert _current_scope_name() == 'mmengine'
+    assert _current_scope_name() == before
+
+
+def _current_scope_name():
+    current = DefaultScope.get_current_instance()
+    return None if current is None else current.scope_name
+
+
+def _resume_through_the_runner(tmp_path):
     _runner(tmp_path, max_iters=2, resume=False).train()
     ckpt_path = osp.join(tmp_path, 'iter_2.pth')
     # the file really holds types that plain weights_only loading refuses

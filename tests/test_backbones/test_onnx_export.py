@@ -29,21 +29,35 @@ def backbone():
     return model.eval()
 
 
+def assert_matches(session: onnxruntime.InferenceSession, model, x: torch.Tensor,
+                   what: str) -> None:
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert len(outputs) == len(expected) == 2
+    for actual, wanted in zip(outputs, expected):
+        assert actual.shape == tuple(wanted.shape), what
+        scale = wanted.abs().max().item()
+        np.testing.assert_allclose(actual, wanted.numpy(), rtol=0,
+                                   atol=1e-5 * max(scale, 1.0), err_msg=what)
+
+
 @pytest.mark.parametrize('dynamo', [False, True])
 def test_export_matches_pytorch(backbone, dynamo, tmp_path):
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) + 3
+    """Exported with a dynamic batch size on one input, the graph is run on
+    that input and on another with other statistics (+50 offset, 4x the
+    spread) and another batch size: a statistic of the tracing input baked
+    into the graph as a constant, or a branch fixed by it, shows there."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, generator=gen) + 3
+    other = torch.randn(3, 3, 64, 64, generator=gen) * 4 + 50
     path = str(tmp_path / f'ce_resnet_dynamo{dynamo}.onnx')
+    batch = {0: 'batch'}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         torch.onnx.export(backbone, (x,), path, dynamo=dynamo,
-                          input_names=['image'], output_names=['c3', 'c5'])
+                          input_names=['image'], output_names=['c3', 'c5'],
+                          dynamic_axes=dict(image=batch, c3=batch, c5=batch))
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
-    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        expected = backbone(x)
-    assert len(outputs) == len(expected) == 2
-    for actual, wanted in zip(outputs, expected):
-        assert actual.shape == tuple(wanted.shape)
-        scale = wanted.abs().max().item()
-        np.testing.assert_allclose(actual, wanted.numpy(), rtol=0,
-                                   atol=1e-5 * max(scale, 1.0))
+    assert_matches(session, backbone, x, 'tracing input')
+    assert_matches(session, backbone, other, 'other input (+50, batch 3)')

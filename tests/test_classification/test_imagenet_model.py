@@ -12,10 +12,12 @@
 ``tests/test_tools/test_imagenet_dist_train.py``.)
 """
 import copy
+import math
 import os.path as osp
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip('mmdet')
 import cenet_mmdet  # noqa: E402,F401
@@ -104,8 +106,21 @@ def test_classifier_builds_and_runs(depth, num_ce):
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     assert torch.allclose(data['inputs'], (rgb - mean) / std, atol=1e-5)
+    # the loss is the cross-entropy of the training-mode logits (the same
+    # batch statistics: a copy of the model, before the step)
+    twin = copy.deepcopy(model)
     losses = model(**data, mode='loss')
-    assert set(losses) == {'loss'} and torch.isfinite(losses['loss'])
+    assert set(losses) == {'loss'}
+    with torch.no_grad():
+        train_logits = twin(data['inputs'], mode='tensor')
+    assert train_logits.shape == (2, 7)
+    expected = F.cross_entropy(train_logits, torch.tensor([3, 5]))
+    torch.testing.assert_close(losses['loss'].detach(), expected, rtol=1e-5,
+                               atol=0)
+    # non-trivial: not the loss of uniform logits (log 7), nor of other labels
+    assert abs(expected.item() - math.log(7)) > 1e-3
+    assert abs(F.cross_entropy(train_logits, torch.tensor([5, 3])).item()
+               - expected.item()) > 1e-3
     # every BN and CE layer trained its statistics in that forward
     norms = [m for m in model.backbone.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

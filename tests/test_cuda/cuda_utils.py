@@ -48,41 +48,62 @@ def assert_relative(actual: torch.Tensor, expected: torch.Tensor, bound: float,
     assert error <= bound, f'{what}: relative error {error:.3g} > {bound:g}'
 
 
-class TF32Matmuls:
+def _precision_switches():
+    """``(object, attribute)`` of every float32-precision switch: the legacy
+    TF32 ones and the float32 matmul precision first, then torch >= 2.9's
+    per-backend ``fp32_precision`` settings (setting a legacy switch rewrites
+    those, so they are restored last)."""
+    backends = torch.backends
+    found = [(backends.cuda.matmul, 'allow_tf32'), (backends.cudnn, 'allow_tf32')]
+    for path in ('', 'cuda.matmul', 'cudnn', 'cudnn.conv', 'cudnn.rnn', 'mkldnn',
+                 'mkldnn.matmul', 'mkldnn.conv', 'mkldnn.rnn'):
+        target = backends
+        for part in filter(None, path.split('.')):
+            target = getattr(target, part, None)
+        if target is not None and hasattr(target, 'fp32_precision'):
+            found.append((target, 'fp32_precision'))
+    return found
+
+
+class _PrecisionContext:
+    """Saves every float32-precision switch on entry and restores all of them
+    (exactly, new-style settings included) on exit."""
+
+    def __enter__(self):
+        self.saved = (torch.get_float32_matmul_precision(),
+                      [(obj, attr, getattr(obj, attr))
+                       for obj, attr in _precision_switches()])
+        self.apply()
+        return self
+
+    def apply(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, *exc) -> None:
+        precision, switches = self.saved
+        torch.set_float32_matmul_precision(precision)
+        for obj, attr, value in switches:
+            setattr(obj, attr, value)
+
+
+class TF32Matmuls(_PrecisionContext):
     """Context: TF32 allowed for cuBLAS matmuls and cuDNN convolutions, through
     both legacy switches (``allow_tf32`` and
     ``set_float32_matmul_precision('high')``); the previous values restored."""
 
-    def __enter__(self) -> 'TF32Matmuls':
-        self.saved = (torch.backends.cuda.matmul.allow_tf32,
-                      torch.backends.cudnn.allow_tf32,
-                      torch.get_float32_matmul_precision())
+    def apply(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.set_float32_matmul_precision('high')
         torch.backends.cudnn.allow_tf32 = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        matmul_tf32, cudnn_tf32, precision = self.saved
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
 
 
-class FullFP32:
+class FullFP32(_PrecisionContext):
     """Context: no TF32 anywhere (cuBLAS and cuDNN), the previous values
     restored: float32 results comparable with float64 references."""
 
-    def __enter__(self) -> 'FullFP32':
-        self.saved = (torch.backends.cuda.matmul.allow_tf32,
-                      torch.backends.cudnn.allow_tf32)
+    def apply(self) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (
-            self.saved)
 
 
 def assert_grads_close(actual: Dict[str, torch.Tensor],

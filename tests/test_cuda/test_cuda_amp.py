@@ -2,15 +2,18 @@
 
 Under autocast a CE layer receives the half-precision output of a convolution;
 it computes its statistics in float32 and returns the input's dtype. Checked
-against a float32 run (autocast off) on the same, already rounded, input:
+against a float32 run (autocast off) of the plugin on the same, already
+rounded, input, and against the independent float64 reference
+(:class:`cenet_mmdet.testing.ReleasedBNCE`, plain autograd, on the CPU) on
+that input:
 
 * the output dtype is the input's;
 * the running statistics (BN mean/variance, CE mean, whitening, AII scale)
   equal those of the float32 run: they are computed in float32 from the same
-  values;
+  values; and they are within float32 accuracy (1e-4) of the reference's;
 * outputs are finite and within the output dtype's rounding of the float32
-  output; input and parameter gradients within 1e-2 (relative) of the float32
-  run.
+  output and of the reference's; input and parameter gradients within 1e-2
+  (relative) of both.
 """
 import copy
 from typing import Dict, Tuple
@@ -21,6 +24,8 @@ from torch import Tensor, nn
 
 from cenet_mmdet.models.backbones import CEResNet
 from cenet_mmdet.models.layers import CE
+from cenet_mmdet.testing import ReleasedBNCE, released_to_plugin_keys
+from cenet_mmdet.testing.released_ce import plugin_to_released_keys
 from cuda_utils import (CUDA_MARKS, DEVICE, FullFP32, assert_grads_close,
                         assert_relative)
 
@@ -30,6 +35,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 # output rounding: half a unit in the last place, relative to the largest value
 OUTPUT_BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_BOUND = 1e-2
+F32 = 1e-4  # float32 statistics against the float64 reference
 BUFFERS = ('running_mean', 'running_var', 'ce.running_mean',
            'ce.running_whitening', 'ce.aii.running_scale')
 
@@ -58,6 +64,25 @@ def make_layer(channels: int, group_size: int) -> CE:
     return layer.to(DEVICE).train()
 
 
+def released_reference(layer: CE) -> ReleasedBNCE:
+    """The float64 CPU transcription of the released BN + CE holding
+    ``layer``'s tensors."""
+    reference = ReleasedBNCE(layer.num_features, group_size=layer.ce.group_size)
+    reference.load_state_dict(plugin_to_released_keys(
+        {k: v.cpu() for k, v in layer.state_dict().items()}))
+    return reference.double().train()
+
+
+def run_released(reference: ReleasedBNCE, x: Tensor, weight: Tensor
+                 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    """:func:`run` of the reference in float64 on the CPU (plugin names)."""
+    x = x.detach().cpu().double().requires_grad_()
+    out = reference(x)
+    (out * weight.cpu().double()).sum().backward()
+    return out, x.grad, released_to_plugin_keys(
+        {n: p.grad for n, p in reference.named_parameters()})
+
+
 def run(layer: CE, x: Tensor, weight: Tensor, dtype: torch.dtype = None
         ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """Training forward/backward (under autocast to ``dtype`` if given):
@@ -80,25 +105,34 @@ def test_ce_under_autocast_matches_float32(dtype, group_size, offset):
     weight = torch.randn(x.shape, generator=gen).to(DEVICE)
     layer = make_layer(64, group_size)
     reference = copy.deepcopy(layer)
+    released = released_reference(layer)
     out, grad_x, grads = run(layer, x_low, weight, dtype)
     out_ref, grad_x_ref, grads_ref = run(reference, x_low.float(), weight)
+    out64, grad_x64, grads64 = run_released(released, x_low, weight)
     assert out.dtype == dtype and grad_x.dtype == dtype
-    assert_relative(out, out_ref, OUTPUT_BOUND[dtype], f'{dtype} output')
+    for expected, what in ((out_ref, 'float32 run'), (out64, 'float64 reference')):
+        assert_relative(out, expected, OUTPUT_BOUND[dtype], f'{dtype} output, {what}')
     assert_relative(grad_x, grad_x_ref, GRAD_BOUND, f'{dtype} input grad')
+    assert_relative(grad_x, grad_x64, GRAD_BOUND, f'{dtype} input grad, float64')
     assert_grads_close(grads, grads_ref, GRAD_BOUND, f'{dtype}')
+    assert_grads_close(grads, grads64, GRAD_BOUND, f'{dtype}, float64')
     state, state_ref = layer.state_dict(), reference.state_dict()
+    state64 = released_to_plugin_keys(released.state_dict())
     for name in BUFFERS:
         assert state[name].dtype == torch.float32, name
         torch.testing.assert_close(state[name], state_ref[name], rtol=1e-5,
                                    atol=1e-6, msg=lambda m: f'{name}: {m}')
+        assert_relative(state[name], state64[name], F32, f'{dtype} {name}, float64')
     # eval under autocast: running statistics, the input's dtype
-    layer.eval(), reference.eval()
+    layer.eval(), reference.eval(), released.eval()
     with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
         out = layer(x_low)
     assert out.dtype == dtype
     with torch.no_grad():
         assert_relative(out, reference(x_low.float()), OUTPUT_BOUND[dtype],
                         f'{dtype} eval output')
+        assert_relative(out, released(x_low.cpu().double()), OUTPUT_BOUND[dtype],
+                        f'{dtype} eval output, float64 reference')
 
 
 def test_float32_input_under_autocast_keeps_float32():

@@ -1,13 +1,20 @@
-"""SyncCE in 2 processes on CUDA against one process on the concatenated batch.
+"""SyncCE in 2 processes on CUDA against independent float64 references and
+one process on the concatenated batch.
 
 With one GPU both processes share ``cuda:0`` and synchronize CUDA tensors over
 gloo; with two or more GPUs, rank ``r`` uses ``cuda:r`` and NCCL. The
 scenarios, inputs and layers are those of tests/test_dist/test_sync_ce_dist.py
-whose ranks share ``H, W`` (``EQUAL_HW``: different ``N`` per rank, float32
-and float64, frozen gate, a rank without images), compared as
-there with the single-process CE (here on ``cuda:0``) on ``torch.cat`` of the
-ranks' inputs: outputs, input gradients, parameter gradients summed over the
-ranks, running buffers and parameters after the SGD steps, eval outputs.
+(different ``N``, ``H`` and ``W`` per rank, float32 and float64, frozen gate,
+mean/std ~700 in float32, a rank without images), compared as there with
+
+* its ``PooledCE``: a float64 plain-autograd transcription of the released BN
+  + CE over the LIST of the ranks' inputs (no plugin code), on the CPU, for
+  every scenario;
+* the single-process CE (here on ``cuda:0``) on ``torch.cat`` of the ranks'
+  inputs, where the ranks share ``H, W`` (``EQUAL_HW``):
+
+outputs, input gradients, parameter gradients summed over the ranks, running
+buffers and parameters after the SGD steps, eval outputs.
 """
 import os.path as osp
 import sys
@@ -77,6 +84,7 @@ def _train_in_group(name: str, rank: int, device: str) -> dict:
     with torch.no_grad():
         eval_out = layer(SYNC.eval_input(name, rank).to(device)).cpu()
     return dict(steps=steps, eval=eval_out, state=_to_cpu(layer.state_dict()),
+                param_names=[n for n, _ in layer.named_parameters()],
                 device=str(out.device))
 
 
@@ -88,7 +96,7 @@ def scenarios(rank: int, world_size: int, devices: List[str]
     if device.startswith('cuda'):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False  # full float32
-    for name in SYNC.EQUAL_HW:
+    for name in SYNC.SCENARIOS:
         yield name, _train_in_group(name, rank, device)
 
 
@@ -118,6 +126,14 @@ def test_workers_finish_cleanly_on_the_device(dist_run):
     for rank, device in enumerate(dist_run['devices']):
         result = dist_run['run'].get(SYNC.EQUAL_HW[0])[rank]
         assert result['device'] == device, (rank, result['device'])
+
+
+@pytest.mark.parametrize('name', list(SYNC.SCENARIOS))
+def test_training_matches_pooled_float64_reference(dist_run, name):
+    """The workers' results (moved to the CPU) against test_sync_ce_dist's
+    ``PooledCE`` replay of the scenario in float64 on the CPU, with that
+    test's checks and tolerances (its test function, on this run)."""
+    SYNC.test_training_matches_pooled_reference(dist_run['run'], name)
 
 
 @pytest.mark.parametrize('name', SYNC.EQUAL_HW)

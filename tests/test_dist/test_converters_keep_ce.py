@@ -1,10 +1,12 @@
 """Every converter a user may call keeps the CE blocks of a CE-ResNet.
 
-Each check counts the CE layers after the conversion (14 in CE-ResNet-50) and
-compares the eval output with the unconverted model: a converter that drops
-the CE block (as torch's ``convert_sync_batchnorm`` did, re-attaching the
-``ce`` child that nothing calls) changes the output while the state dict
-still loads.
+Each check counts the CE layers of each exact type after the conversion (14
+in CE-ResNet-50; SyncCE subclasses CE, so ``isinstance`` would not tell them
+apart) and compares the eval output with the unconverted model: a converter
+that drops the CE block (as torch's ``convert_sync_batchnorm`` did,
+re-attaching the ``ce`` child that nothing calls) changes the output while the
+state dict still loads. ``revert_sync_batchnorm`` leaves CE and SyncCE as they
+are (README, "Compatibility").
 """
 import copy
 import io
@@ -13,6 +15,7 @@ import mmengine.model
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import cenet_mmdet  # noqa: F401  (patches the converters)
 from cenet_mmdet.models.backbones import CEResNet
@@ -22,7 +25,8 @@ NUM_CE = 14  # CE-ResNet-50: stem + 3 + 4 + 6
 
 
 def count(model: nn.Module, kind=CE) -> int:
-    return sum(isinstance(m, kind) for m in model.modules())
+    """Modules of exactly the type ``kind`` (not of its subclasses)."""
+    return sum(type(m) is kind for m in model.modules())
 
 
 @pytest.fixture(scope='module')
@@ -45,8 +49,16 @@ def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)[-1]
 
 
+def count_plain_norms(model: nn.Module) -> int:
+    """BN-like layers that are not CE (BN, SyncBN, MMEngine's BatchNormXd)."""
+    return sum(isinstance(m, _BatchNorm) and not isinstance(m, CE)
+               for m in model.modules())
+
+
 def assert_same_function(model, reference, num_ce=NUM_CE, kind=CE):
     assert count(model, kind) == num_ce
+    other = SyncCE if kind is CE else CE
+    assert count(model, other) == 0
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(eval_output(model, x), eval_output(reference, x),
                                rtol=1e-5, atol=1e-5)
@@ -58,7 +70,7 @@ def test_torch_convert_sync_batchnorm_makes_syncce(backbone):
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert count(converted, SyncCE) == NUM_CE
     # plain BN layers (downsample, stage 4) become SyncBatchNorm as before
-    assert count(converted, nn.SyncBatchNorm) == count(backbone, nn.BatchNorm2d) - NUM_CE
+    assert count(converted, nn.SyncBatchNorm) == count(backbone, nn.BatchNorm2d) > 0
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     # same tensors: CE's buffers and parameters are shared, not copied
     for key, pointer in ce_state.items():
@@ -71,7 +83,7 @@ def test_torch_convert_is_idempotent_and_keeps_process_group(backbone):
     group = object()  # stands for a process group; only stored
     once = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(backbone), group)
     synced = [m for m in once.modules() if isinstance(m, (SyncCE, nn.SyncBatchNorm))]
-    assert len(synced) == count(backbone, nn.BatchNorm2d)
+    assert len(synced) == count(backbone, nn.BatchNorm2d) + NUM_CE
     assert all(m.process_group is group for m in synced)
     twice = nn.SyncBatchNorm.convert_sync_batchnorm(once)
     assert count(twice, SyncCE) == NUM_CE
@@ -80,10 +92,20 @@ def test_torch_convert_is_idempotent_and_keeps_process_group(backbone):
 
 def test_round_trips_through_revert(backbone):
     torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(backbone))
+    plain_bn = count(backbone, nn.BatchNorm2d)
+    assert count_plain_norms(backbone) == plain_bn > 0
     reverted = mmengine.model.revert_sync_batchnorm(torch_sync)
     assert count(reverted, nn.SyncBatchNorm) == 0
-    assert_same_function(reverted, backbone)
+    # SyncBN layers become (MMEngine's) BN again; SyncCE layers stay SyncCE
+    assert count_plain_norms(reverted) == plain_bn
+    assert_same_function(reverted, backbone, kind=SyncCE)
+    # CE layers stay CE
+    assert_same_function(mmengine.model.revert_sync_batchnorm(
+        copy.deepcopy(backbone)), backbone, kind=CE)
     mm_sync = mmengine.model.convert_sync_batchnorm(copy.deepcopy(backbone))
+    assert_same_function(mm_sync, backbone, kind=SyncCE)
+    assert_same_function(mmengine.model.revert_sync_batchnorm(
+        copy.deepcopy(mm_sync)), backbone, kind=SyncCE)
     again = nn.SyncBatchNorm.convert_sync_batchnorm(
         mmengine.model.revert_sync_batchnorm(mm_sync))
     assert_same_function(again, backbone, kind=SyncCE)

@@ -136,11 +136,16 @@ def test_eval_mode_gradcheck_float64():
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize('path', ['input', 'shifted'])
 @pytest.mark.parametrize('channels,shape,options', CASES)
-def test_eval_mode_gradients_match_released(channels, shape, options):
+def test_eval_mode_gradients_match_released(channels, shape, options, path,
+                                            monkeypatch):
     """Running statistics with gradients (MMDetection's ``norm_eval=True``
     training): output, input and parameter gradients against the released
-    function in float64."""
+    function in float64, on both eval paths: moments of the input itself
+    (the CPU's choice for this input) and moments about a per-(image,
+    channel) shift (forced here; what CUDA and traced graphs always run, and
+    the CPU at large mean/std)."""
     dtype = torch.float64
     ref, layer = _pair(channels, dtype, **options)
     gen = torch.Generator().manual_seed(3)
@@ -149,10 +154,17 @@ def test_eval_mode_gradients_match_released(channels, shape, options):
         x = torch.randn(n, channels, h, w, generator=gen, dtype=dtype) + 0.5
         ref(x), layer(x)
     ref.eval(), layer.eval()
+    if path == 'shifted':
+        layer.UNSHIFTED_MEAN_RATIO = -1.0  # no input passes the check
+    decisions = []
+    check = CE._unshifted_is_accurate
+    monkeypatch.setattr(CE, '_unshifted_is_accurate', lambda self, *args: (
+        decisions.append(check(self, *args)) or decisions[-1]))
     x = torch.randn(n, channels, h, w, generator=gen, dtype=dtype) * 2 - 0.3
     x_ref, x_layer = x.clone().requires_grad_(), x.clone().requires_grad_()
     weight = torch.randn(x.shape, generator=gen, dtype=dtype)
     out_ref, out_layer = ref(x_ref), layer(x_layer)
+    assert decisions == [path == 'input']
     _assert_close(out_layer, out_ref, dtype, 'output')
     (out_ref * weight).sum().backward()
     (out_layer * weight).sum().backward()

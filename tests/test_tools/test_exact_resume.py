@@ -8,7 +8,8 @@
    of ``iter_8.pth`` (weights, buffers, optimizer state) equals the reference
    (``torch.equal``), thanks to ``RandomStateHook`` (switched on in the
    project's configs).
-4. A truncated checkpoint is refused on resume with a message naming it.
+4. A checkpoint cut short on disk is refused on resume with a message naming
+   it and saying why.
 
 A single-process toy run checks the hook itself, including that without it the
 resumed run differs (so the comparison can fail).
@@ -26,6 +27,7 @@ import torch
 pytest.importorskip('mmdet')
 import cenet_mmdet  # noqa: E402,F401
 from cenet_mmdet.compat import CheckpointFileError  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.runner.checkpoint import CheckpointLoader  # noqa: E402
 
 from test_e2e_cpu import (REPO, SYNC_CONFIG, checkpoint, free_port,  # noqa: E402
@@ -112,22 +114,33 @@ def test_killed_run_resumes_bit_for_bit(workspace):
     different = [k for k in reference if not torch.equal(resumed[k], reference[k])]
     assert not different, f'{len(different)} tensors differ, e.g. {different[:5]}'
 
-    # a checkpoint cut short on disk is refused, naming the file
-    truncated = osp.join(workspace['root'], 'truncated', 'iter_4.pth')
-    os.makedirs(osp.dirname(truncated))
-    with open(osp.join(killed_dir, 'iter_4.pth'), 'rb') as f:
+
+def test_truncated_checkpoint_is_refused_on_resume(workspace):
+    """``tools/train.py --resume`` on a checkpoint cut short on disk fails
+    with the plugin's message naming the file and saying why (the path holds
+    no "truncated": the word must come from the message)."""
+    source = osp.join(workspace['root'], 'sound.pth')
+    torch.save(dict(state_dict={f'w{i}': torch.randn(64) for i in range(32)},
+                    meta=dict(iter=4)), source)
+    cut = osp.join(workspace['root'], 'cut_short', 'iter_4.pth')
+    os.makedirs(osp.dirname(cut))
+    with open(source, 'rb') as f:
         data = f.read()
-    with open(truncated, 'wb') as f:
+    with open(cut, 'wb') as f:
         f.write(data[:len(data) // 3])
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'train.py'), workspace['config'],
-         '--work-dir', osp.dirname(truncated), '--resume', truncated,
+         '--work-dir', osp.dirname(cut), '--resume', cut,
          '--cfg-options', *OPTIONS],
         cwd=workspace['root'], env=workspace['env'], capture_output=True,
         text=True, timeout=300)
-    assert proc.returncode != 0
-    assert f'cannot load checkpoint {truncated}' in proc.stderr + proc.stdout
-    assert 'truncated' in proc.stderr + proc.stdout
+    output = proc.stderr + proc.stdout
+    assert proc.returncode != 0, output[-3000:]
+    assert 'truncated' not in cut
+    message = (f'cannot load checkpoint {cut}: it is not a complete zip archive '
+               '(torch checkpoints are zip archives): truncated, corrupted, or '
+               'not a checkpoint')
+    assert message in output, output[-3000:]
 
 
 # ------------------------------------------------- the hook, single process
@@ -146,6 +159,9 @@ class _NoisyDataset(torch.utils.data.Dataset):
 
 
 def _toy_runner(work_dir: str, max_iters: int, hook: bool, resume: bool = False):
+    """A Runner (scope ``mmengine``): callers run it inside
+    ``DefaultScope.overwrite_default_scope('mmengine')``, which puts the
+    previous scope back (a Runner leaves its own current for good)."""
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
@@ -175,12 +191,13 @@ def _toy_runner(work_dir: str, max_iters: int, hook: bool, resume: bool = False)
 
 
 def _final_weights(tmp_path, hook: bool) -> tuple:
-    full = _toy_runner(str(tmp_path / f'full{hook}'), 9, hook)
-    full.train()
-    split_dir = str(tmp_path / f'split{hook}')
-    _toy_runner(split_dir, 3, hook).train()
-    resumed = _toy_runner(split_dir, 9, hook, resume=True)
-    resumed.train()
+    with DefaultScope.overwrite_default_scope('mmengine'):
+        full = _toy_runner(str(tmp_path / f'full{hook}'), 9, hook)
+        full.train()
+        split_dir = str(tmp_path / f'split{hook}')
+        _toy_runner(split_dir, 3, hook).train()
+        resumed = _toy_runner(split_dir, 9, hook, resume=True)
+        resumed.train()
     return full.model.state_dict(), resumed.model.state_dict()
 
 
@@ -193,7 +210,8 @@ def test_hook_makes_a_single_process_resume_exact(tmp_path):
 
 
 def test_checkpoint_holds_every_rank_states(tmp_path):
-    _toy_runner(str(tmp_path / 'one'), 3, hook=True).train()
+    with DefaultScope.overwrite_default_scope('mmengine'):
+        _toy_runner(str(tmp_path / 'one'), 3, hook=True).train()
     ckpt = CheckpointLoader.load_checkpoint(str(tmp_path / 'one' / 'iter_3.pth'))
     states = ckpt['random_states']
     assert len(states) == 1
