@@ -15,7 +15,11 @@ peak memory (CUDA only).
 every CE layer only applies fixed per-sample ``(N, G, d, d)`` maps and biases
 (the dense product that each CE output needs, since the released function
 mixes the d channels of a group with a matrix that has a per-image diagonal),
-with no statistics, no gate and no Newton step.
+with no statistics, no gate and no Newton step. The maps are leaves that
+require grad, so that the floor's train step also computes the map gradient
+(``dM = g x^T``, ``dc``) that a real CE layer needs: its maps depend on the
+input and the parameters, also under ``norm_eval=True``. ``build`` checks that
+every CE layer was replaced.
 """
 import argparse
 
@@ -41,8 +45,9 @@ KINDS = {
 
 
 class MapsOnly(nn.Module):
-    """Stands in for a CE layer: applies fixed maps ``M x + c`` per sample
-    and group (the product every CE output needs) and nothing else."""
+    """Stands in for a CE layer: applies maps ``M x + c`` per sample and group
+    (the product every CE output needs) and nothing else. The maps are leaves
+    that require grad (a train step computes ``dM`` and ``dc``)."""
 
     def __init__(self, layer: CE) -> None:
         super().__init__()
@@ -54,19 +59,28 @@ class MapsOnly(nn.Module):
         key = (n, x.dtype, x.device)
         if key not in self.maps:
             eye = torch.eye(self.size, dtype=x.dtype, device=x.device)
-            self.maps[key] = (0.5 * eye.repeat(n, self.groups, 1, 1),
-                              x.new_zeros(n, self.groups, self.size, 1))
+            self.maps[key] = (
+                (0.5 * eye.repeat(n, self.groups, 1, 1)).requires_grad_(),
+                x.new_zeros(n, self.groups, self.size, 1).requires_grad_())
         matrix, bias = self.maps[key]
         # (N, C, H, W) -> (N, G, d, H*W): a free view
         x_grouped = x.reshape(n, self.groups, self.size, h * w)
         return apply_maps(matrix, bias, x_grouped, x.shape)
 
 
-def swap_in_maps_only(model: nn.Module) -> None:
+def swap_in_maps_only(model: nn.Module) -> int:
+    """Replace every CE layer by :class:`MapsOnly`; how many were replaced
+    (an error if any CE layer is left)."""
+    replaced = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, CE):
             parent_name, _, child = name.rpartition('.')
             setattr(model.get_submodule(parent_name), child, MapsOnly(module))
+            replaced += 1
+    left = [name for name, module in model.named_modules() if isinstance(module, CE)]
+    if left:
+        raise RuntimeError(f'floor: CE layers not replaced: {left}')
+    return replaced
 
 
 def build(kind: str, depth: int) -> nn.Module:
@@ -79,7 +93,10 @@ def build(kind: str, depth: int) -> nn.Module:
     if kind == 'released':
         swap_in_released_ce(model)
     if kind == 'floor':
-        swap_in_maps_only(model)
+        expected = model.num_ce_layers
+        replaced = swap_in_maps_only(model)
+        if replaced != expected or not replaced:
+            raise RuntimeError(f'floor: replaced {replaced} of {expected} CE layers')
     return model
 
 

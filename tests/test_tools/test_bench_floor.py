@@ -1,0 +1,56 @@
+"""The ``floor`` kind of tools/benchmarks/bench_backbones.py is an honest
+lower bound (issue #20, 1): every CE layer is replaced, and its train step
+computes the map gradient that a real CE layer needs."""
+import importlib.util
+import os.path as osp
+import sys
+
+import torch
+
+import cenet_mmdet  # noqa: F401
+from cenet_mmdet.models.layers import CE
+
+BENCH = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+                 'tools', 'benchmarks')
+
+
+def load_bench():
+    sys.path.insert(0, BENCH)  # the script imports its sibling common.py
+    try:
+        spec = importlib.util.spec_from_file_location(
+            '_bench_backbones', osp.join(BENCH, 'bench_backbones.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH)
+    return module
+
+
+def test_floor_replaces_all_14_layers_and_differentiates_its_maps():
+    bench = load_bench()
+    model = bench.build('floor', 50)
+    floors = [m for m in model.modules() if isinstance(m, bench.MapsOnly)]
+    assert len(floors) == 14
+    assert not any(isinstance(m, CE) for m in model.modules())
+    x = torch.randn(2, 3, 64, 64)
+    bench.train_fn(model, x)()
+    for layer in floors:
+        (matrix, bias), = layer.maps.values()
+        assert matrix.is_leaf and matrix.requires_grad and bias.requires_grad
+        assert matrix.grad is not None and matrix.grad.abs().sum() > 0
+        assert bias.grad is not None and bias.grad.abs().sum() > 0
+
+
+def test_floor_map_gradient_is_g_x_transposed():
+    bench = load_bench()
+    layer = bench.MapsOnly(CE(32))
+    x = torch.randn(2, 32, 3, 4)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    (matrix, bias), = layer.maps.values()
+    # reference: out = M x + c per sample and group of d = 16 channels
+    xg, gg = x.reshape(2, 2, 16, 12), grad.reshape(2, 2, 16, 12)
+    assert torch.allclose(out.reshape(2, 2, 16, 12), 0.5 * xg)
+    assert torch.allclose(matrix.grad, gg @ xg.transpose(-1, -2), atol=1e-5)
+    assert torch.allclose(bias.grad, gg.sum(-1, keepdim=True), atol=1e-5)
