@@ -54,3 +54,15 @@ def test_floor_map_gradient_is_g_x_transposed():
     assert torch.allclose(out.reshape(2, 2, 16, 12), 0.5 * xg)
     assert torch.allclose(matrix.grad, gg @ xg.transpose(-1, -2), atol=1e-5)
     assert torch.allclose(bias.grad, gg.sum(-1, keepdim=True), atol=1e-5)
+
+
+def test_cpu_peak_memory_of_a_train_step_is_measured():
+    """The CPU memory column (issue #20, 4): a fresh process per backbone,
+    the step's peak over the resident set before it. It grows with the
+    batch, and holds at least the gradients of ResNet-50's 25.6M float32
+    parameters (~98 MB)."""
+    bench = load_bench()
+    small = bench.cpu_train_step_mb('BN', 50, 1, 64, 1)
+    large = bench.cpu_train_step_mb('BN', 50, 8, 64, 1)
+    assert small > 90, small
+    assert large > small + 20, (small, large)

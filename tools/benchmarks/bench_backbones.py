@@ -9,7 +9,9 @@ All models of one depth are built once; every repeat times each of them once
 (interleaved, rotating order: see common.py), first in eval, then for a train
 step (forward + backward). Prints a markdown table: median times, images/s,
 the median per-repeat ratio to the plain ResNet with its min-max spread, and
-peak memory (CUDA only).
+the peak memory of one train step with its ratio to the plain ResNet (CUDA:
+the allocator's peak; CPU: the resident set's peak over the step, in a fresh
+process per backbone).
 
 ``floor`` is a lower bound for any exact implementation of the released CE:
 every CE layer only applies fixed per-sample ``(N, G, d, d)`` maps and biases
@@ -22,6 +24,9 @@ input and the parameters, also under ``norm_eval=True``. ``build`` checks that
 every CE layer was replaced.
 """
 import argparse
+import json
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -114,6 +119,54 @@ def train_fn(model: nn.Module, x: torch.Tensor):
     return run
 
 
+def cpu_train_step_mb(kind: str, depth: int, batch: int, size: int,
+                      threads: int) -> float:
+    """Peak memory of one train step on the CPU, in MB: the resident set's
+    high-water mark during the step minus the resident set before it, in a
+    fresh process (``ru_maxrss`` would not do: Linux keeps it across
+    ``fork`` + ``exec``, so a child reports the benchmark's own peak)."""
+    command = [sys.executable, __file__, '--memory-probe', kind, '--depths',
+               str(depth), '--batch', str(batch), '--size', str(size),
+               '--threads', str(threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])['peak_mb']
+
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` of this process from ``/proc/self/status``."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f'no {field} in /proc/self/status')
+
+
+def train_step_mb(kind: str, depth: int, x: torch.Tensor, args) -> float:
+    """Peak memory (MB) of one train step of a freshly built backbone."""
+    if args.device == 'cpu':
+        return cpu_train_step_mb(kind, depth, args.batch, args.size,
+                                 args.threads)
+    model = build(kind, depth).to(args.device)
+    model.train()
+    return peak_memory_mb(train_fn(model, x), args.device)
+
+
+def memory_probe(kind: str, depth: int, batch: int, size: int) -> None:
+    """Child of :func:`cpu_train_step_mb`: prints ``{"peak_mb": ...}``."""
+    torch.manual_seed(0)
+    model = build(kind, depth)
+    model.train()  # (mmdet's ResNet.train returns None)
+    x = torch.randn(batch, 3, size, size)
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current resident set
+    except OSError:  # (then a build peak above the step's would hide it)
+        pass
+    before = _status_mb('VmRSS')
+    train_fn(model, x)()
+    print(json.dumps(dict(peak_mb=_status_mb('VmHWM') - before)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--depths', type=int, nargs='+', default=[50, 101])
@@ -126,7 +179,13 @@ def main() -> None:
                         help='torch intra-op threads (default: all cores)')
     parser.add_argument('--kinds', nargs='+', choices=list(KINDS),
                         default=['BN', 'CE', 'SyncCE'])
+    parser.add_argument('--memory-probe', choices=list(KINDS),
+                        help=argparse.SUPPRESS)  # internal: one fresh process
     args = parser.parse_args()
+    if args.memory_probe:
+        pin_threads(args.threads)
+        memory_probe(args.memory_probe, args.depths[0], args.batch, args.size)
+        return
     pin_threads(args.threads)
     kinds = ['BN'] + [k for k in args.kinds if k != 'BN']
     rows = []
@@ -144,23 +203,28 @@ def main() -> None:
         trains = interleaved_times(
             {k: train_fn(m, x) for k, m in models.items()}, args.device,
             args.warmup, args.repeat)
+        del models  # the CPU probes run in fresh processes
+        memory = {kind: train_step_mb(kind, depth, x, args) for kind in kinds}
         for kind in kinds:
-            memory = peak_memory_mb(train_fn(models[kind], x), args.device)
             rows.append([
                 f'R-{depth}', KINDS[kind], f'{median_ms(evals[kind]):.0f}',
                 f'{args.batch * 1e3 / median_ms(evals[kind]):.1f}',
                 str(ratio(evals, kind, 'BN')), f'{median_ms(trains[kind]):.0f}',
                 f'{args.batch * 1e3 / median_ms(trains[kind]):.1f}',
                 str(ratio(trains, kind, 'BN')),
-                '-' if memory != memory else f'{memory:.0f}'
+                '-' if memory[kind] != memory[kind] else
+                f'{memory[kind]:.0f} ({memory[kind] / memory["BN"]:.2f}x)'
             ])
-        del models
     print(f'Backbone benchmark, batch {args.batch}, {args.size}x{args.size}, '
           f'{args.repeat} interleaved repeats; {machine_line(args.device)}\n')
     print(markdown_table([
         'depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN (min-max)',
-        'train ms', 'train img/s', 'train / BN (min-max)', 'peak MB'
+        'train ms', 'train img/s', 'train / BN (min-max)', 'peak MB (/ BN)'
     ], rows))
+    print('\npeak MB: ' + ('the CUDA allocator\'s peak over one train step' if
+                          args.device != 'cpu' else 'the peak resident set during one '
+                          'train step minus the resident set before it (VmHWM '
+                          '- VmRSS), in a fresh process per backbone'))
 
 
 if __name__ == '__main__':
