@@ -3,7 +3,7 @@ world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
-        [--kinds BN CE SyncCE released floor]
+        [--kinds BN CE SyncCE released floor] [--memory-repeat 3]
 
 All models of one depth are built once; every repeat times each of them once
 (interleaved, rotating order: see common.py), first in eval, then for a train
@@ -151,6 +151,15 @@ def train_step_mb(kind: str, depth: int, x: torch.Tensor, args) -> float:
     return peak_memory_mb(train_fn(model, x), args.device)
 
 
+def step_memory(kinds, depth: int, x: torch.Tensor, args) -> dict:
+    """Median over ``--memory-repeat`` interleaved rounds (each backbone once
+    per round) of :func:`train_step_mb`, per backbone."""
+    rounds = [{kind: train_step_mb(kind, depth, x, args) for kind in kinds}
+              for _ in range(args.memory_repeat)]
+    return {kind: float(torch.tensor([r[kind] for r in rounds]).median())
+            for kind in kinds}
+
+
 def memory_probe(kind: str, depth: int, batch: int, size: int) -> None:
     """Child of :func:`cpu_train_step_mb`: prints ``{"peak_mb": ...}``."""
     torch.manual_seed(0)
@@ -179,6 +188,8 @@ def main() -> None:
                         help='torch intra-op threads (default: all cores)')
     parser.add_argument('--kinds', nargs='+', choices=list(KINDS),
                         default=['BN', 'CE', 'SyncCE'])
+    parser.add_argument('--memory-repeat', type=int, default=3,
+                        help='rounds of the peak-memory measurement (median)')
     parser.add_argument('--memory-probe', choices=list(KINDS),
                         help=argparse.SUPPRESS)  # internal: one fresh process
     args = parser.parse_args()
@@ -204,7 +215,7 @@ def main() -> None:
             {k: train_fn(m, x) for k, m in models.items()}, args.device,
             args.warmup, args.repeat)
         del models  # the CPU probes run in fresh processes
-        memory = {kind: train_step_mb(kind, depth, x, args) for kind in kinds}
+        memory = step_memory(kinds, depth, x, args)
         for kind in kinds:
             rows.append([
                 f'R-{depth}', KINDS[kind], f'{median_ms(evals[kind]):.0f}',
@@ -224,7 +235,8 @@ def main() -> None:
     print('\npeak MB: ' + ('the CUDA allocator\'s peak over one train step' if
                           args.device != 'cpu' else 'the peak resident set during one '
                           'train step minus the resident set before it (VmHWM '
-                          '- VmRSS), in a fresh process per backbone'))
+                          '- VmRSS), in a fresh process per backbone; median of '
+                          f'{args.memory_repeat} interleaved rounds'))
 
 
 if __name__ == '__main__':
