@@ -8,7 +8,7 @@ else, so the run silently reads the old data. :func:`move_data_root`, called
 by ``tools/train.py`` and ``tools/test.py`` after the overrides are merged,
 moves every path that was derived from the original ``data_root``.
 """
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 __all__ = ['move_data_root']
 
@@ -21,33 +21,28 @@ def _moved(value: str, old: str, new: str) -> Optional[str]:
     return None
 
 
-def _move(node: Any, old: str, new: str) -> int:
-    """Rewrite the strings under ``node`` in place; how many were moved."""
-    moved = 0
-    if isinstance(node, dict):
-        items = list(node.items())
-    elif isinstance(node, list):
-        items = list(enumerate(node))
+def _move(value: Any, old: str, new: str) -> Tuple[Any, int]:
+    """``(value with its paths under old moved, how many were moved)``;
+    dicts and lists are rewritten in place, strings and tuples rebuilt."""
+    if isinstance(value, str):
+        moved = _moved(value, old, new)
+        return (value, 0) if moved is None else (moved, 1)
+    if isinstance(value, tuple):
+        results = [_move(item, old, new) for item in value]
+        return type(value)(item for item, _ in results), sum(n for _, n in results)
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
     else:
-        return 0
-    for key, value in items:
-        if isinstance(value, str):
-            replacement = _moved(value, old, new)
-            if replacement is not None:
-                node[key] = replacement
-                moved += 1
-        elif isinstance(value, tuple):
-            replaced = [(_moved(v, old, new) if isinstance(v, str) else None)
-                        for v in value]
-            if any(r is not None for r in replaced):
-                node[key] = type(value)(r if r is not None else v
-                                        for r, v in zip(replaced, value))
-                moved += sum(r is not None for r in replaced)
-            else:
-                moved += sum(_move(v, old, new) for v in value)
-        else:
-            moved += _move(value, old, new)
-    return moved
+        return value, 0
+    total = 0
+    for key, item in items:
+        item, count = _move(item, old, new)
+        if count:
+            value[key] = item
+            total += count
+    return value, total
 
 
 def move_data_root(cfg, original: Optional[str]) -> int:
@@ -69,12 +64,8 @@ def move_data_root(cfg, original: Optional[str]) -> int:
     moved = 0
     for key in list(cfg.keys()):
         if key != 'data_root':
-            value = cfg[key]
-            if isinstance(value, str):
-                replacement = _moved(value, old_base, new_base)
-                if replacement is not None:
-                    cfg[key] = replacement
-                    moved += 1
-            else:
-                moved += _move(value, old_base, new_base)
+            value, count = _move(cfg[key], old_base, new_base)
+            if count:
+                cfg[key] = value
+                moved += count
     return moved

@@ -276,14 +276,13 @@ class CEResNet(ResNet):
         description of the checkpoint), CE layers are left at their initial
         values and that was not asked for (``ce_from_scratch``), or cannot
         train."""
-        unloaded = self.unloaded_ce_layers()
+        layers = dict(self.ce_layers())
+        unloaded = [name for name, layer in layers.items() if not layer.ce.loaded]
         if not unloaded:
             return
-        total = len(self.ce_layers())
-        layers = dict(self.ce_layers())
         names = ', '.join(unloaded[:3]) + (', ...' if len(unloaded) > 3 else '')
-        what = (f'CEResNet: {len(unloaded)} of {total} CE layers ({names}) got '
-                f'no CE weights from {source}')
+        what = (f'CEResNet: {len(unloaded)} of {len(layers)} CE layers ({names}) '
+                f'got no CE weights from {source}')
         if not self.ce_from_scratch:
             raise CEWeightsError(
                 f'{what}; it looks like a checkpoint without CE (a BN ResNet). '

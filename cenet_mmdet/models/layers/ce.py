@@ -100,18 +100,20 @@ def _full_fp32_matmuls(device_type: str) -> Iterator[None]:
         setattr(matmul, name, previous)
 
 
+def _is_eager() -> bool:
+    """Whether the layer runs eagerly: not scripted, traced (also for ONNX)
+    or compiled, so that it may read values and keep Python-side state."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    return not (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
 def _may_branch_on_data(tensor: Tensor) -> bool:
     """Whether the layer may choose its algorithm from the values of
     ``tensor``: only eagerly and on the CPU (on CUDA the choice would cost a
     host synchronization per layer; traced and compiled graphs must not
     depend on the data)."""
-    if tensor.device.type != 'cpu':
-        return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
-    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
-        return False
-    return True
+    return tensor.device.type == 'cpu' and _is_eager()
 
 
 def _params_to_buffers(module: nn.Module) -> None:
@@ -516,9 +518,7 @@ class CE(nn.BatchNorm2d):
         the CPU, every :attr:`NONFINITE_CHECK_EVERY` updates on other devices
         (one host synchronization per that many), never when traced or
         compiled."""
-        if torch.jit.is_scripting() or torch.jit.is_tracing():
-            return False
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if not _is_eager():
             return False
         if like.device.type == 'cpu':
             return True
