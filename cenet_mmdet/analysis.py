@@ -52,6 +52,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .models.layers import CE
 
@@ -168,6 +169,15 @@ def get_resnet_backbone(model: nn.Module) -> nn.Module:
         raise AnalysisError(
             f'the channel analysis tools need a ResNet or CEResNet backbone; '
             f'this model\'s backbone is {type(backbone).__name__}')
+    # (not LayerNorm: the AII gate of every CE layer holds one)
+    other_norms = sorted({type(m).__name__ for m in backbone.modules()
+                          if isinstance(m, (nn.GroupNorm, _InstanceNorm))})
+    if other_norms:
+        raise AnalysisError(
+            f'the channel analysis tools read BN-type norm layers (BN, SyncBN, '
+            f'CE, SyncCE: gamma and running statistics); this backbone has '
+            f'{", ".join(other_norms)} layers (norm_cfg GN, IN or LN), which '
+            f'they do not cover')
     return backbone
 
 

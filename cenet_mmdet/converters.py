@@ -306,17 +306,19 @@ def convert_state_dict(state_dict: Mapping[str, Tensor]) -> Conversion:
                       unchanged, dropped, stripped_prefix=stripped)
 
 
-def reference_state(depth: int, stem_ce: bool,
-                    stage_with_ce: Sequence[bool]) -> Dict[str, Tensor]:
-    """State dict (shapes and dtypes) of a fresh ``CEResNet`` of that layout."""
+def reference_state(depth: int, stem_ce: bool, stage_with_ce: Sequence[bool],
+                    norm_cfg: Optional[dict] = None) -> Dict[str, Tensor]:
+    """State dict (shapes and dtypes) of a fresh ``CEResNet`` of that layout
+    (``norm_cfg``: the backbone's normalizer, BN by default)."""
     from .models.backbones.ce_resnet import CEResNet
+    kwargs = dict(depth=depth, stem_ce=stem_ce, stage_with_ce=tuple(stage_with_ce))
+    if norm_cfg is not None:
+        kwargs['norm_cfg'] = norm_cfg
     try:
         with torch.device('meta'):
-            model = CEResNet(depth=depth, stem_ce=stem_ce,
-                             stage_with_ce=tuple(stage_with_ce))
+            model = CEResNet(**kwargs)
     except (NotImplementedError, RuntimeError):  # a layer refusing meta tensors
-        model = CEResNet(depth=depth, stem_ce=stem_ce,
-                         stage_with_ce=tuple(stage_with_ce))
+        model = CEResNet(**kwargs)
     return model.state_dict()
 
 

@@ -110,17 +110,29 @@ def check_pretrained_checkpoints(cfg) -> None:
             f'The pretrained checkpoint {checkpoint!r} ({key}) does not '
             f'exist (relative paths are resolved from {os.getcwd()}). ')
         depth = backbone.get('depth')
-        if backbone.get('type') == 'CEResNet' and depth != 50:
-            imagenet = f'ce-resnet{depth}_8xb32_in1k'
+        norm = (backbone.get('norm_cfg') or {}).get('type', 'BN')
+        if backbone.get('type') == 'CEResNet' and (depth != 50 or norm not in (
+                'BN', 'SyncBN')):
+            with_bn = norm in ('BN', 'SyncBN')
+            imagenet = (f'ce-resnet{depth}_8xb32_in1k' if with_bn
+                        else f'ce-resnet{depth}-{norm.lower()}_8xb32_in1k')
+            imagenet_cfg = f'configs/cenet/imagenet/{imagenet}.py'
             message += (
-                f'Only a CE-ResNet-50 was released; for depth {depth} '
-                'pretrain one on ImageNet with this project and extract its '
-                f'backbone (README, "ImageNet pretraining of CE-ResNet"):\n'
-                f'  bash tools/dist_train.sh configs/cenet/imagenet/{imagenet}.py 8\n'
+                'Only a CE-ResNet-50 with BN was released; for depth '
+                f'{depth}{"" if with_bn else " with " + norm} pretrain one on '
+                'ImageNet with this project and extract its backbone (README, '
+                '"ImageNet pretraining of CE-ResNet"):\n')
+            if not osp.isfile(osp.join(REPO_ROOT, imagenet_cfg)):
+                message += (f'  (write {imagenet_cfg}, following '
+                            'configs/cenet/imagenet/ce-resnet50-gn_8xb32_in1k.py)\n')
+            message += (
+                f'  bash tools/dist_train.sh {imagenet_cfg} 8\n'
                 f'  python {CLS_CONVERTER} work_dirs/{imagenet}/epoch_100.pth '
-                f'{checkpoint}\nAn ImageNet CE-ResNet in the released layout '
-                f'converts with:\n  python {CONVERTER} <released.pth> '
                 f'{checkpoint}')
+            if with_bn:
+                message += (f'\nAn ImageNet CE-ResNet in the released layout '
+                            f'converts with:\n  python {CONVERTER} <released.pth> '
+                            f'{checkpoint}')
         else:
             message += (
                 'Convert the ImageNet CE-ResNet checkpoint released by the '

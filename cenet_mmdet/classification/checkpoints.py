@@ -55,21 +55,44 @@ def load_mmengine_checkpoint(path: str, unsafe_load: bool = False) -> object:
             f'cannot read {path} as a PyTorch checkpoint: {error}') from error
 
 
-def ce_layout(state: Mapping[str, Tensor]) -> Tuple[int, bool, Tuple[bool, ...]]:
-    """``(depth, stem_ce, stage_with_ce)`` of a CEResNet state dict."""
+#: the stem norm's name in a ResNet state dict -> the backbone's norm_cfg
+#: (GN's num_groups is not in a checkpoint: 32, MMDetection's GN setting)
+NORM_BY_ABBR = {
+    'bn': dict(type='BN', requires_grad=True),
+    'gn': dict(type='GN', num_groups=32, requires_grad=True),
+    'in': dict(type='IN', requires_grad=True),
+    'ln': dict(type='LN', requires_grad=True),
+}
+
+
+def norm_abbr(state: Mapping[str, Tensor]) -> str:
+    """The normalizer of a (CE)ResNet state dict, from its stem norm's name
+    (``bn1.*``, ``gn1.*``, ``in1.*``, ``ln1.*``); ``'bn'`` if none is found."""
+    for abbr in NORM_BY_ABBR:
+        if any(k.startswith(f'{abbr}1.') for k in state):
+            return abbr
+    return 'bn'
+
+
+def ce_layout(state: Mapping[str, Tensor]
+              ) -> Tuple[int, bool, Tuple[bool, ...], str]:
+    """``(depth, stem_ce, stage_with_ce, norm abbreviation)`` of a CEResNet
+    state dict."""
     depth = infer_depth(list(state))
-    stem_ce = any(k.startswith('bn1.ce.') for k in state)
+    abbr = norm_abbr(state)
+    stem_ce = any(k.startswith(f'{abbr}1.ce.') for k in state)
     stage_with_ce = tuple(
-        any(k.startswith(f'layer{i}.0.bn3.ce.') for k in state)
+        any(k.startswith(f'layer{i}.0.{abbr}3.ce.') for k in state)
         for i in range(1, 5))
-    return depth, stem_ce, stage_with_ce
+    return depth, stem_ce, stage_with_ce, abbr
 
 
 def check_backbone_state(state: Mapping[str, Tensor], source: str) -> Dict:
     """Compare keys and shapes with a fresh ``CEResNet`` of the inferred
     layout; return that layout as a backbone config dict."""
-    depth, stem_ce, stage_with_ce = ce_layout(state)
-    expected = reference_state(depth, stem_ce, stage_with_ce)
+    depth, stem_ce, stage_with_ce, abbr = ce_layout(state)
+    norm_cfg = NORM_BY_ABBR[abbr]
+    expected = reference_state(depth, stem_ce, stage_with_ce, norm_cfg)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f'{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}'
@@ -86,11 +109,14 @@ def check_backbone_state(state: Mapping[str, Tensor], source: str) -> Dict:
     if problems:
         raise ConversionError(
             f'{source}: the backbone does not match CEResNet(depth={depth}, '
-            f'stem_ce={stem_ce}, stage_with_ce={stage_with_ce}) with the '
-            f'default style (only pytorch-style, non-deep-stem CE-ResNets are '
-            f'supported): ' + '; '.join(problems))
-    return dict(type='CEResNet', depth=depth, stem_ce=stem_ce,
-                stage_with_ce=list(stage_with_ce))
+            f'stem_ce={stem_ce}, stage_with_ce={stage_with_ce}, norm '
+            f'{norm_cfg["type"]}) with the default style (only pytorch-style, '
+            f'non-deep-stem CE-ResNets are supported): ' + '; '.join(problems))
+    layout = dict(type='CEResNet', depth=depth, stem_ce=stem_ce,
+                  stage_with_ce=list(stage_with_ce))
+    if abbr != 'bn':
+        layout['norm_cfg'] = dict(norm_cfg)
+    return layout
 
 
 def classifier_to_backbone(src: str, dst: str, unsafe_load: bool = False,

@@ -80,11 +80,20 @@ def sample_moments(x_grouped: Tensor,
         ``(N, G, d, d)``: :math:`\\sum_l x_l x_l^T`, or ``squares``
         ``(N, G, d)``: :math:`\\sum_l x_l^2`.
     """
+    link = _eager_link(link)
     if with_gram:
         return _GroupMoments.apply(x_grouped, link)
     if _exporting() or not (torch.is_grad_enabled() and x_grouped.requires_grad):
         return _instance_moments(x_grouped)
     return _InstanceMoments.apply(x_grouped, link)
+
+
+def _eager_link(link: Optional[GradientLink]) -> Optional[GradientLink]:
+    """``link``, or None under ``torch.compile``: the hand-over is a side
+    effect between two backward functions that a compiled graph cannot hold
+    (a graph break at each function); compiled, the two input gradients are
+    added by autograd (and fused by the compiler)."""
+    return None if torch.compiler.is_compiling() else link
 
 
 def _exporting() -> bool:
@@ -197,7 +206,8 @@ def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
     needs_grad = torch.is_grad_enabled() and (
         matrix.requires_grad or bias.requires_grad or x_grouped.requires_grad)
     if needs_grad:
-        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape), link)
+        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape),
+                                _eager_link(link))
     return _apply_maps(matrix, bias, x_grouped, out_shape)
 
 

@@ -28,11 +28,17 @@ class ReleasedAII(nn.Module):
 
 
 class ReleasedCE(nn.Module):
-    """The released CE block, applied to an already normalized input."""
+    """The released CE block, applied to an already normalized input.
+
+    ``variant='bd'`` or ``'aii'`` keeps one branch of the released output
+    (paper Table 4): ``p = bd`` or ``p = aii`` instead of
+    ``lam * bd + (1 - lam) * aii``; the other branch's tensors stay unused.
+    """
 
     def __init__(self, channels, group_size=16, num_iters=3, eps=1e-5,
-                 momentum=0.1, reduction=4, pool_stats=False):
+                 momentum=0.1, reduction=4, pool_stats=False, variant='ce'):
         super().__init__()
+        self.variant = variant
         while channels % group_size != 0:
             group_size //= 2
         self.groups = channels // group_size
@@ -87,6 +93,10 @@ class ReleasedCE(nn.Module):
         else:
             scale = self.AR.running_scale
         aii = x * gate[:, :, None, None] / scale
+        if self.variant == 'bd':
+            return bd
+        if self.variant == 'aii':
+            return aii
         lam = torch.sigmoid(self.x_weight)
         return lam * bd + (1 - lam) * aii
 
@@ -103,12 +113,63 @@ class ReleasedBNCE(nn.Module):
         return self.ce(self.bn(x))
 
 
+class ChannelLayerNorm(nn.Module):
+    """LN over ``(C, H, W)`` of each sample with a per-channel affine (the LN
+    of LN-ResNets): ``F.layer_norm`` without affine, then ``gamma_c, beta_c``."""
+
+    def __init__(self, channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(channels))
+            self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        y = F.layer_norm(x, x.shape[1:], eps=self.eps)
+        if self.affine:
+            y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        return y
+
+
+def reference_norm(norm, channels, num_groups=32, eps=1e-5, affine=True):
+    """The torch normalizer ``norm`` (``'BN'``, ``'GN'``, ``'IN'``, ``'LN'``)
+    for an ``(N, C, H, W)`` input: ``nn.BatchNorm2d``, ``nn.GroupNorm``,
+    ``nn.InstanceNorm2d`` (no running statistics) or :class:`ChannelLayerNorm`."""
+    if norm == 'BN':
+        return nn.BatchNorm2d(channels, eps=eps, affine=affine)
+    if norm == 'GN':
+        return nn.GroupNorm(num_groups, channels, eps=eps, affine=affine)
+    if norm == 'IN':
+        return nn.InstanceNorm2d(channels, eps=eps, affine=affine)
+    if norm == 'LN':
+        return ChannelLayerNorm(channels, eps=eps, affine=affine)
+    raise ValueError(norm)
+
+
+class ReleasedNormCE(nn.Module):
+    """``norm`` (a torch normalizer, :func:`reference_norm`) followed by
+    ``ce`` (:class:`ReleasedCE`): the naive ``CE_block(norm(x))``."""
+
+    def __init__(self, norm, channels, num_groups=32, eps=1e-5, affine=True,
+                 **ce_kwargs):
+        super().__init__()
+        self.norm = reference_norm(norm, channels, num_groups, eps, affine)
+        self.ce = ReleasedCE(channels, **ce_kwargs)
+
+    def forward(self, x):
+        return self.ce(self.norm(x))
+
+
 def released_to_plugin_keys(state_dict):
-    """Map a :class:`ReleasedBNCE` state dict onto a plugin ``CE`` layer's."""
+    """Map a :class:`ReleasedBNCE` (or :class:`ReleasedNormCE`) state dict
+    onto a plugin CE layer's (``CE`` or ``GroupNormCE``)."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith('bn.'):
             out[key[3:]] = value
+        elif key.startswith('norm.'):
+            out[key[5:]] = value
         elif key.startswith('ce.'):
             out['ce.' + RELEASED_CE_KEYS[key[3:]]] = value
         else:

@@ -13,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import cenet_mmdet  # noqa: F401  (registers CE, SyncCE, CEResNet)
 from cenet_mmdet.models.backbones import CEBottleneck, CEResNet
-from cenet_mmdet.models.layers import CE, SyncCE
+from cenet_mmdet.models.layers import (CE, CELayer, GroupNormCE, SyncCE,
+                                       SyncGroupNormCE)
 from mmdet.models.backbones import ResNet
 from mmdet.models.backbones.resnet import Bottleneck
 from mmdet.registry import MODELS
@@ -29,17 +30,25 @@ def check_norm_state(modules, train_state: bool) -> bool:
     """True if every BN-like layer (CE included) and its CE block is in
     ``train_state`` (mmdet's helper, extended to the CE child)."""
     for mod in modules:
-        if isinstance(mod, _BatchNorm):
+        if isinstance(mod, (_BatchNorm, CELayer)):
             if mod.training != train_state:
                 return False
-            if isinstance(mod, CE) and any(m.training != train_state
-                                           for m in mod.ce.modules()):
+            if isinstance(mod, CELayer) and any(m.training != train_state
+                                                for m in mod.ce.modules()):
                 return False
     return True
 
 
 def ce_names(model: nn.Module):
-    return [name for name, m in model.named_modules() if isinstance(m, CE)]
+    return [name for name, m in model.named_modules() if isinstance(m, CELayer)]
+
+
+#: the backbone's norm_cfg for the tests that run over BN and GN, and the
+#: name of the CE layers' normalizer in the state dict
+NORMS = {
+    'BN': (dict(type='BN', requires_grad=True), 'bn'),
+    'GN': (dict(type='GN', num_groups=8, requires_grad=True), 'gn'),
+}
 
 
 def sgd_step(model: nn.Module, x: torch.Tensor) -> None:
@@ -158,20 +167,48 @@ def test_requires_grad_follows_norm_cfg_unless_ce_cfg_sets_it():
     assert not mixed.layer1[0].bn1.weight.requires_grad
 
 
-def test_group_norm_elsewhere_and_deep_stem():
-    model = CEResNet(depth=50, norm_cfg=dict(type='GN', num_groups=32,
-                                             requires_grad=True),
-                     deep_stem=True)
-    assert isinstance(model.stem[7], CE) and model.stem[7].ce.group_size == 64
+@pytest.mark.parametrize('norm,layer_cls,abbr,sync', [
+    (dict(type='GN', num_groups=8), GroupNormCE, 'gn', False),
+    (dict(type='GN', num_groups=8), SyncGroupNormCE, 'gn', True),
+    (dict(type='SyncBN'), SyncCE, 'bn', False),
+])
+def test_ce_positions_follow_norm_cfg(norm, layer_cls, abbr, sync):
+    """The CE positions use the user's normalizer (GN + CE named gn1/gn3, not a
+    BN + CE among GN layers); SyncBN gives SyncCE."""
+    model = CEResNet(depth=50, norm_cfg=dict(norm, requires_grad=True),
+                     ce_cfg=dict(type='SyncCE' if sync else 'CE'),
+                     base_channels=8, stem_channels=32)
+    layers = dict(model.ce_layers())
+    assert len(layers) == 14
+    assert all(type(layer) is layer_cls for layer in layers.values())
+    assert f'{abbr}1' in layers and f'layer1.0.{abbr}3' in layers
     block = model.layer1[0]
-    # gn3 replaced by a CE named bn3; the GN is gone
-    assert block.norm3_name == 'bn3' and isinstance(block.norm3, CE)
-    assert not hasattr(block, 'gn3') and isinstance(block.gn1, nn.GroupNorm)
-    assert isinstance(model.layer4[0].gn3, nn.GroupNorm)
+    assert block.norm3_name == f'{abbr}3' and block.norm3 is layers[f'layer1.0.{abbr}3']
+    if abbr == 'gn':
+        assert block.norm3.num_groups == 8 and not hasattr(block, 'bn3')
+        assert not any(isinstance(m, _BatchNorm) for m in model.modules())
     model.eval()
     outs = model(images())
     assert [tuple(o.shape) for o in outs] == [
-        (2, 256, 16, 16), (2, 512, 8, 8), (2, 1024, 4, 4), (2, 2048, 2, 2)]
+        (2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+
+
+def test_group_norm_ce_deep_stem():
+    model = CEResNet(depth=50, norm_cfg=dict(type='GN', num_groups=32,
+                                             requires_grad=True),
+                     deep_stem=True)
+    assert isinstance(model.stem[7], GroupNormCE) and model.stem[7].ce.group_size == 64
+    assert isinstance(model.layer4[0].gn3, nn.GroupNorm)
+    assert not isinstance(model.layer4[0].gn3, CELayer)
+
+
+@pytest.mark.parametrize('norm_type', ['BN1d', 'BN3d', 'IN3d', 'MyNorm'])
+def test_norm_that_cannot_carry_ce_is_refused_by_name(norm_type):
+    with pytest.raises(ValueError) as info:  # before anything is built
+        CEResNet(depth=50, norm_cfg=dict(type=norm_type), base_channels=8)
+    assert str(info.value).startswith(
+        f"CEResNet: norm_cfg type '{norm_type}' cannot carry CE")
+    assert "'GN'" in str(info.value)
 
 
 def test_out_indices_shapes():
@@ -217,14 +254,17 @@ def test_bad_stage_with_ce_for_num_stages():
                  stage_with_ce=(True, True, True, False))
 
 
-@pytest.mark.parametrize('ce_cfg, error', [
-    (dict(type='BN'), TypeError),
-    ('CE', TypeError),
-    (dict(group_size=16), TypeError),
-    (dict(type='NoSuchCE'), KeyError),
+@pytest.mark.parametrize('ce_cfg, error, match', [
+    (dict(type='BN'), ValueError, "CEResNet: ce_cfg type must be one of "
+     r"\('CE', 'SyncCE'\), got 'BN' \(the normalizer before CE comes from norm_cfg\)$"),
+    ('CE', TypeError, 'ce_cfg must be a dict with a "type" key'),
+    (dict(group_size=16), TypeError, 'ce_cfg must be a dict with a "type" key'),
+    (dict(type='NoSuchCE'), ValueError, "got 'NoSuchCE'"),
 ])
-def test_bad_ce_cfg(ce_cfg, error):
-    with pytest.raises(error):
+def test_bad_ce_cfg(ce_cfg, error, match):
+    """Refused before anything is built, without the width advice of a
+    layer that cannot be built."""
+    with pytest.raises(error, match=match):
         CEResNet(depth=50, ce_cfg=ce_cfg)
 
 
@@ -266,7 +306,7 @@ def randomize_norm_affine(model: nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, _BatchNorm):
+            if isinstance(module, (_BatchNorm, nn.GroupNorm)):
                 module.weight.uniform_(0.5, 1.5, generator=generator)
                 module.bias.normal_(0, 0.2, generator=generator)
 
@@ -290,37 +330,44 @@ def test_frozen_stages_state(frozen_stages):
     assert not model.bn1.ce.aii.gate[0].weight.requires_grad
 
 
-def test_frozen_stages_get_no_update_and_the_rest_trains():
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_frozen_stages_get_no_update_and_the_rest_trains(norm):
     """frozen_stages=1, norm_eval=False: after a train-mode forward, backward
     and SGD step, the stem and layer1 are bit-identical; every CE statistic
     and CE parameter of layer2-3 moved."""
+    norm_cfg, abbr = NORMS[norm]
     torch.manual_seed(0)
-    model = CEResNet(depth=50, frozen_stages=1, norm_eval=False)
+    model = CEResNet(depth=50, frozen_stages=1, norm_eval=False, norm_cfg=norm_cfg)
     model.init_weights()
     randomize_norm_affine(model)
     model.train()
     before = snapshot(model)
     sgd_step(model, images())
     after = model.state_dict()
-    frozen = [k for k in before if k.startswith(('conv1.', 'bn1.', 'layer1.'))]
-    assert 'bn1.ce.running_whitening' in frozen
-    assert 'layer1.2.bn3.ce.lambda_logit' in frozen
+    frozen = [k for k in before if k.startswith(('conv1.', f'{abbr}1.', 'layer1.'))]
+    assert f'{abbr}1.ce.running_whitening' in frozen
+    assert f'layer1.2.{abbr}3.ce.lambda_logit' in frozen
     for key in frozen:
         assert torch.equal(after[key], before[key]), key
     trained = [n for n in ce_names(model) if n.startswith(('layer2', 'layer3'))]
     assert len(trained) == 10
     for name in trained:
-        for suffix in ('running_mean', 'running_var', 'weight', 'ce.running_whitening',
-                       'ce.running_mean', 'ce.aii.running_scale', 'ce.lambda_logit',
-                       'ce.aii.gate.0.weight', 'ce.aii.gate.1.bias'):
+        bn_stats = ('running_mean', 'running_var') if norm == 'BN' else ()
+        for suffix in bn_stats + ('weight', 'ce.running_whitening',
+                                  'ce.running_mean', 'ce.aii.running_scale',
+                                  'ce.lambda_logit', 'ce.aii.gate.0.weight',
+                                  'ce.aii.gate.1.bias'):
             key = f'{name}.{suffix}'
             assert not torch.equal(after[key], before[key]), key
-        assert after[f'{name}.num_batches_tracked'] == 1
+        if norm == 'BN':
+            assert after[f'{name}.num_batches_tracked'] == 1
 
 
-def test_norm_eval_freezes_every_ce_statistic():
+@pytest.mark.parametrize('norm', list(NORMS))
+def test_norm_eval_freezes_every_ce_statistic(norm):
+    norm_cfg, abbr = NORMS[norm]
     torch.manual_seed(0)
-    model = CEResNet(depth=50, norm_eval=True)
+    model = CEResNet(depth=50, norm_eval=True, norm_cfg=norm_cfg)
     model.init_weights()
     randomize_norm_affine(model)
     model.train()
@@ -337,8 +384,8 @@ def test_norm_eval_freezes_every_ce_statistic():
     for key in buffers & set(after):
         assert torch.equal(after[key], before[key]), key
     # parameters (CE ones included) still train
-    for key in ('layer2.0.bn3.ce.lambda_logit', 'bn1.ce.aii.gate.3.weight',
-                'layer3.5.bn3.weight', 'bn1.weight'):
+    for key in (f'layer2.0.{abbr}3.ce.lambda_logit', f'{abbr}1.ce.aii.gate.3.weight',
+                f'layer3.5.{abbr}3.weight', f'{abbr}1.weight'):
         assert not torch.equal(after[key], before[key]), key
     # eval() then train() keeps the norm_eval setting; norm_eval=False trains
     model.eval()

@@ -12,19 +12,23 @@ import torch
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.backbones import CEResNet
-from cenet_mmdet.models.layers import CE
+from cenet_mmdet.models.layers import CELayer
 
 
-@pytest.fixture(scope='module')
-def backbone():
-    """A narrow CE-ResNet-50 (all 14 CE layers) with trained-looking statistics."""
+@pytest.fixture(scope='module', params=['BN', 'GN'])
+def backbone(request):
+    """A narrow CE-ResNet-50 (all 14 CE layers; over BN, or GN) with
+    trained-looking statistics."""
     torch.manual_seed(0)
-    model = CEResNet(depth=50, base_channels=8, out_indices=(1, 3))
+    norm_cfg = (dict(type='GN', num_groups=4) if request.param == 'GN'
+                else dict(type='BN'))
+    model = CEResNet(depth=50, base_channels=8, out_indices=(1, 3),
+                     norm_cfg=norm_cfg)
     model.train()
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64) * 2 + 1)
         for layer in model.modules():
-            if isinstance(layer, CE):
+            if isinstance(layer, CELayer):
                 layer.ce.lambda_logit.fill_(-0.4)
     return model.eval()
 

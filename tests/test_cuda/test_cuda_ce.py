@@ -14,7 +14,10 @@ References (both independent of the plugin's CE code):
 
 Float32 results on CUDA must be within 1e-4 of the reference (max abs error
 relative to the largest reference value), with TF32 off (cuBLAS and cuDNN) as
-a float32 comparison requires; with TF32 on, CE's statistics and outputs must
+a float32 comparison requires. The same layers and steps run in float64 on
+the device too, within 1e-10 of the float64 CPU reference: float32 round-off
+cannot hide a small device-specific error there (a lost term, a wrong
+reduction), so a failure means something; with TF32 on, CE's statistics and outputs must
 still meet that bound (its Gram matrix, Newton steps and output map must not
 run in TF32), gradients 1e-2. At mean/std 1e3-1e4 outputs must stay below
 1e-5 and within 10x CUDA's own float32 BN error. The 50-layer network is
@@ -42,6 +45,8 @@ pytestmark = CUDA_MARKS
 
 PRECISION = load_test_module('test_layers/test_ce_precision.py')
 F32 = 1e-4  # float32 bound, relative to the largest reference value
+F64 = 1e-10  # a layer in float64 on the device, against float64 on the CPU
+BOUND = {torch.float32: F32, torch.float64: F64}
 LARGE_MEAN_CEILING = 1e-5  # CE's output error at mean/std 1e3-1e4 (CPU: 8e-7)
 F64_NET = 1e-9  # CE-ResNet-50 in float64, device against CPU
 STEPS = 2
@@ -108,19 +113,26 @@ def named_grads(module: nn.Module) -> Dict[str, Tensor]:
     return {name: param.grad for name, param in module.named_parameters()}
 
 
+def layer_dtype(layer: nn.Module) -> torch.dtype:
+    return next(layer.parameters()).dtype
+
+
 def check_step(layer: nn.Module, ref: ReleasedBNCE, x: Tensor, weight: Tensor,
                what: str) -> None:
-    """One training forward/backward of both; outputs and every gradient."""
-    x_cuda = x.to(DEVICE, copy=True).requires_grad_()
+    """One training forward/backward of both; outputs and every gradient,
+    within the bound of the layer's dtype."""
+    dtype = layer_dtype(layer)
+    bound = BOUND[dtype]
+    x_cuda = x.to(DEVICE, dtype, copy=True).requires_grad_()
     x_ref = x.double().requires_grad_()
     out, expected = layer(x_cuda), ref(x_ref)
-    assert out.dtype == torch.float32 and out.device.type == DEVICE
-    assert_relative(out, expected, F32, f'{what} output')
-    (out * weight.to(DEVICE)).sum().backward()
+    assert out.dtype == dtype and out.device.type == DEVICE
+    assert_relative(out, expected, bound, f'{what} output')
+    (out * weight.to(DEVICE, dtype)).sum().backward()
     (expected * weight.double()).sum().backward()
-    assert_relative(x_cuda.grad, x_ref.grad, F32, f'{what} input grad')
+    assert_relative(x_cuda.grad, x_ref.grad, bound, f'{what} input grad')
     ref_grads = released_to_plugin_keys(named_grads(ref))
-    assert_grads_close(named_grads(layer), ref_grads, F32, what)
+    assert_grads_close(named_grads(layer), ref_grads, bound, what)
 
 
 def check_buffers(layer: nn.Module, ref: ReleasedBNCE, steps: int, what: str) -> None:
@@ -129,7 +141,8 @@ def check_buffers(layer: nn.Module, ref: ReleasedBNCE, steps: int, what: str) ->
         if name == 'num_batches_tracked':
             assert value.item() == steps, what
             continue
-        assert_relative(value, expected[name], F32, f'{what} {name}')
+        assert_relative(value, expected[name], BOUND[layer_dtype(layer)],
+                        f'{what} {name}')
 
 
 def train_and_eval(layer: nn.Module, ref: ReleasedBNCE, channels: int,
@@ -148,25 +161,30 @@ def train_and_eval(layer: nn.Module, ref: ReleasedBNCE, channels: int,
     check_buffers(layer, ref, STEPS, what)
     layer.eval(), ref.eval()
     x = make_input(channels, shape, gen) * 1.5
+    dtype = layer_dtype(layer)
     with torch.no_grad():
-        assert_relative(layer(x.to(DEVICE)), ref(x.double()), F32, f'{what} eval')
+        assert_relative(layer(x.to(DEVICE, dtype)), ref(x.double()), BOUND[dtype],
+                        f'{what} eval')
 
 
 # -------------------------------------------------------------- (a) layers
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('channels,shape,options', CASES)
-def test_ce_train_steps_and_eval_match_float64_cpu(channels, shape, options):
+def test_ce_train_steps_and_eval_match_float64_cpu(channels, shape, options, dtype):
     ref, layer = released_pair(channels, options)
-    train_and_eval(layer, ref, channels, shape, f'CE {channels} {options}')
+    train_and_eval(layer.to(dtype), ref, channels, shape,
+                   f'CE {dtype} {channels} {options}')
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('channels,shape,options',
                          [case for case in CASES if not case[2].get('pool_stats')])
 def test_sync_ce_world_size_one_matches_float64_cpu(world_size_one, channels,
-                                                    shape, options):
+                                                    shape, options, dtype):
     ref, layer = released_pair(channels, options)
-    layer = SyncCE.from_ce(layer)
+    layer = SyncCE.from_ce(layer).to(dtype)
     assert dist.get_world_size() == 1
-    train_and_eval(layer, ref, channels, shape, f'SyncCE {channels} {options}')
+    train_and_eval(layer, ref, channels, shape, f'SyncCE {dtype} {channels} {options}')
 
 
 @pytest.mark.parametrize('ratio', [1e3, 1e4])

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import cenet_mmdet  # noqa: F401  (patches the converters)
 from cenet_mmdet.models.backbones import CEResNet
-from cenet_mmdet.models.layers import CE, SyncCE
+from cenet_mmdet.models.layers import CE, GroupNormCE, SyncCE, SyncGroupNormCE
 
 NUM_CE = 14  # CE-ResNet-50: stem + 3 + 4 + 6
 
@@ -109,6 +109,36 @@ def test_round_trips_through_revert(backbone):
     again = nn.SyncBatchNorm.convert_sync_batchnorm(
         mmengine.model.revert_sync_batchnorm(mm_sync))
     assert_same_function(again, backbone, kind=SyncCE)
+
+
+def test_converters_over_group_norm_ce():
+    """GN + CE: torch's and MMEngine's converters give GN + SyncCE (the CE
+    block's statistics are the batch statistics to synchronize), leave the
+    plain GN layers alone, are idempotent, and revert keeps them; the
+    function is unchanged throughout."""
+    torch.manual_seed(0)
+    model = CEResNet(depth=50, base_channels=8, out_indices=(3,),
+                     norm_cfg=dict(type='GN', num_groups=4)).train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    model.eval()
+    plain_gn = sum(type(m) is nn.GroupNorm for m in model.modules())
+    assert count(model, GroupNormCE) == NUM_CE and plain_gn > 0
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def check(converted, kind):
+        assert count(converted, kind) == NUM_CE
+        assert sum(type(m) is nn.GroupNorm for m in converted.modules()) == plain_gn
+        torch.testing.assert_close(eval_output(converted, x), eval_output(model, x),
+                                   rtol=1e-5, atol=1e-5)
+
+    torch_sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    check(torch_sync, SyncGroupNormCE)
+    check(nn.SyncBatchNorm.convert_sync_batchnorm(torch_sync), SyncGroupNormCE)
+    check(mmengine.model.revert_sync_batchnorm(torch_sync), SyncGroupNormCE)
+    check(mmengine.model.convert_sync_batchnorm(copy.deepcopy(model)),
+          SyncGroupNormCE)
+    check(mmengine.model.revert_sync_batchnorm(copy.deepcopy(model)), GroupNormCE)
 
 
 def test_deepcopy_and_whole_model_pickling(backbone):

@@ -26,7 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cenet_mmdet.models.layers import CE, SyncCE
+from cenet_mmdet.models.layers import (CE, GroupNormCE, SyncCE,
+                                       SyncGroupNormCE)
+from cenet_mmdet.testing import ReleasedNormCE
 from cenet_mmdet.testing.dist import run_process_group
 
 C = 32
@@ -60,17 +62,41 @@ SCENARIOS = {
                            eval_shapes=[(0, C, 4, 6), (2, C, 4, 6)], steps=2,
                            dtype=torch.float64, frozen_gate=False, build='init'),
 }
+BN_SCENARIOS = list(SCENARIOS)
 EQUAL_HW = [name for name, spec in SCENARIOS.items()
             if len({shape[2:] for shape in spec['shapes']}) == 1]
+# SyncGroupNormCE (GN + CE, CE statistics synchronized): unequal batches,
+# against the naive GN + released block on the concatenated batch
+GN_GROUPS = 4
+SCENARIOS.update({
+    'gn_uneven_n_f64': dict(shapes=[(1, C, 4, 6), (3, C, 4, 6)],
+                            eval_shapes=[(2, C, 3, 5), (1, C, 3, 5)], steps=3,
+                            dtype=torch.float64, frozen_gate=False, build='init',
+                            norm='GN'),
+    'gn_large_mean_f32': dict(shapes=[(3, C, 4, 6), (2, C, 4, 6)],
+                              eval_shapes=[(1, C, 4, 6), (2, C, 4, 6)], steps=2,
+                              dtype=torch.float32, frozen_gate=False,
+                              build='from_ce', offset=1000.0, norm='GN'),
+    'gn_empty_rank_f64': dict(shapes=[(0, C, 4, 6), (2, C, 4, 6)],
+                              eval_shapes=[(0, C, 4, 6), (2, C, 4, 6)], steps=2,
+                              dtype=torch.float64, frozen_gate=False, build='init',
+                              norm='GN'),
+})
+GN_SCENARIOS = [name for name in SCENARIOS if name not in BN_SCENARIOS]
 COLLECTIVES = ('all_reduce', 'all_gather', 'all_gather_into_tensor',
                'reduce_scatter', 'reduce_scatter_tensor', 'broadcast', 'reduce',
                'all_to_all', 'all_to_all_single', 'barrier', 'gather', 'scatter')
 
 
 # --------------------------------------------------------------- shared data
-def make_ce(dtype: torch.dtype, frozen_gate: bool = False, seed: int = 0) -> CE:
-    """A CE layer with non-trivial parameters and running statistics."""
-    layer = CE(C, group_size=GROUP, frozen_gate=frozen_gate)
+def make_ce(dtype: torch.dtype, frozen_gate: bool = False, seed: int = 0,
+            norm: str = 'BN') -> nn.Module:
+    """A CE layer (over BN, or GN with ``norm='GN'``) with non-trivial
+    parameters and running statistics."""
+    if norm == 'GN':
+        layer = GroupNormCE(C, GN_GROUPS, group_size=GROUP, frozen_gate=frozen_gate)
+    else:
+        layer = CE(C, group_size=GROUP, frozen_gate=frozen_gate)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, value in layer.state_dict().items():
@@ -143,14 +169,18 @@ def eval_input(name: str, rank: int) -> Tensor:
 # ----------------------------------------------------- worker side (spawned)
 def _train_in_group(name: str, rank: int) -> dict:
     spec = SCENARIOS[name]
-    ce = make_ce(spec['dtype'], spec['frozen_gate'])
+    norm = spec.get('norm', 'BN')
+    ce = make_ce(spec['dtype'], spec['frozen_gate'], norm=norm)
+    sync_cls = SyncGroupNormCE if norm == 'GN' else SyncCE
     if spec['build'] == 'from_ce':
-        layer = SyncCE.from_ce(ce)
+        layer = SyncCE.convert_sync_ce(ce)
     else:
-        layer = SyncCE(C, group_size=GROUP, frozen_gate=spec['frozen_gate'])
+        extra = dict(num_groups=GN_GROUPS) if norm == 'GN' else {}
+        layer = sync_cls(C, group_size=GROUP, frozen_gate=spec['frozen_gate'],
+                         **extra)
         layer = layer.to(spec['dtype'])
         layer.load_state_dict(ce.state_dict())
-    assert type(layer) is SyncCE
+    assert type(layer) is sync_cls
     layer.train()
     optimizer = MomentumSGD(layer.parameters())
     steps = []
@@ -215,6 +245,7 @@ def _count_collectives(rank: int) -> dict:
                         SyncCE(64, group_size=64))
     wide = SyncCE(1024)
     wide64 = SyncCE(256).double()
+    group_norm = SyncGroupNormCE(256, 32)
     x = torch.randn(1 + rank, 256, 2, 3, requires_grad=True)
     with _CollectiveCounter() as counter:
         out = net(x)
@@ -226,12 +257,14 @@ def _count_collectives(rank: int) -> dict:
         half = net[0](torch.randn(1, 256, 2, 2, dtype=torch.bfloat16))
         assert half.dtype == torch.bfloat16
         others = counter.take()
+        group_norm(torch.randn(1, 256, 2, 2, requires_grad=True)).sum().backward()
+        group_norm_calls = counter.take()
         net.eval()
         with torch.no_grad():
             net(x)
         eval_calls = counter.take()
     return dict(forward=forward, backward=backward, others=others,
-                eval=eval_calls)
+                eval=eval_calls, group_norm=group_norm_calls)
 
 
 def _all_empty(rank: int) -> dict:
@@ -400,7 +433,7 @@ def test_workers_finish_cleanly(dist_run):
     dist_run.check_clean_exit()
 
 
-@pytest.mark.parametrize('name', list(SCENARIOS))
+@pytest.mark.parametrize('name', BN_SCENARIOS)
 def test_training_matches_pooled_reference(dist_run, name):
     """Outputs, input grads, summed parameter grads per step, buffers and
     parameters after the steps, then eval outputs, for every rank."""
@@ -465,6 +498,73 @@ def test_training_matches_ce_on_concatenated_batch(dist_run, name):
                    f'{name} rank {rank} eval output')
 
 
+def _naive_group_norm_ce(dtype: torch.dtype) -> ReleasedNormCE:
+    """GN (``nn.GroupNorm``) then the released block, float64, holding the
+    scenario's initial tensors (no plugin computation)."""
+    ref = ReleasedNormCE('GN', C, num_groups=GN_GROUPS, group_size=GROUP).double()
+    ref_state = ref.state_dict()
+    with torch.no_grad():
+        for key, value in make_ce(dtype, norm='GN').state_dict().items():
+            ref_state[inverse_key(key)].copy_(value.double())
+    return ref
+
+
+def inverse_key(plugin_key: str) -> str:
+    """Plugin GroupNormCE key -> :class:`ReleasedNormCE` key."""
+    from cenet_mmdet.models.layers import RELEASED_CE_KEYS
+    if plugin_key.startswith('ce.'):
+        released = {v: k for k, v in RELEASED_CE_KEYS.items()}
+        return 'ce.' + released[plugin_key[3:]]
+    return 'norm.' + plugin_key
+
+
+@pytest.mark.parametrize('name', GN_SCENARIOS)
+def test_sync_group_norm_ce_matches_concatenated_batch(dist_run, name):
+    """SyncGroupNormCE on 2 ranks of unequal N (one of them empty, and a
+    float32 case at mean/std ~ 700) against GN + the released block in float64
+    on the concatenated batch: outputs, input grads, summed parameter grads,
+    buffers and parameters after the steps, eval outputs."""
+    ranks = dist_run.get(name)
+    spec, dtype = SCENARIOS[name], SCENARIOS[name]['dtype']
+    ref = _naive_group_norm_ce(dtype).train()
+    params = dict(ref.named_parameters())
+    optimizer = MomentumSGD(
+        [params[inverse_key(key)] for key in ranks[0]['param_names']])
+    sizes = [shape[0] for shape in spec['shapes']]
+    for step in range(spec['steps']):
+        pairs = [rank_inputs(name, step, rank) for rank in range(2)]
+        x = torch.cat([p[0] for p in pairs]).double().requires_grad_()
+        g = torch.cat([p[1] for p in pairs]).double()
+        out = ref(x)
+        (out * g).sum().backward()
+        for rank, (out_r, grad_r) in enumerate(zip(out.split(sizes),
+                                                   x.grad.split(sizes))):
+            got = ranks[rank]['steps'][step]
+            _close(got['out'], out_r, dtype, f'{name} step {step} rank {rank} output')
+            _close(got['grad_x'], grad_r, dtype,
+                   f'{name} step {step} rank {rank} input grad')
+        for key in ranks[0]['param_names']:
+            summed = sum(r['steps'][step]['grads'][key].double() for r in ranks)
+            _close(summed, params[inverse_key(key)].grad, dtype,
+                   f'{name} step {step} grad of {key}')
+        optimizer.step()
+        optimizer.zero_grad()
+    ref_state = ref.state_dict()
+    for key in ranks[0]['state']:
+        for rank in range(2):
+            _close(ranks[rank]['state'][key], ref_state[inverse_key(key)], dtype,
+                   f'{name} rank {rank} {key}')
+        assert torch.equal(ranks[0]['state'][key], ranks[1]['state'][key]), key
+    ref.eval()
+    with torch.no_grad():
+        for rank in range(2):
+            x = eval_input(name, rank).double()
+            if not x.numel():  # an empty rank: an empty output
+                assert ranks[rank]['eval'].shape == x.shape
+                continue
+            _close(ranks[rank]['eval'], ref(x), dtype, f'{name} rank {rank} eval output')
+
+
 def test_frozen_gate_keeps_gate_and_lambda_fixed(dist_run):
     ranks = dist_run.get('frozen_gate_f64')
     assert ranks[0]['param_names'] == ['weight', 'bias']
@@ -511,6 +611,10 @@ def test_collectives_per_layer_and_documented_bytes(dist_run):
             + forward(256, 16, 'torch.float64')
             + forward(256, 16))  # bfloat16 input: float32 sums
         assert calls[rank]['eval'] == []
+        # GN + CE: no shared reference needed (y - beta): one collective of
+        # the packed block sums forward, one for its gradient
+        packed = ('all_reduce', 4 * (2 * 256 + 256 * 16 + 2), 'torch.float32')
+        assert calls[rank]['group_norm'] == [packed, packed]
     import cenet_mmdet.models.layers.sync_ce as sync_ce
     for number in ('18,440', '16,904', '73,736'):
         assert number in sync_ce.__doc__

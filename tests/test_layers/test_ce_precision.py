@@ -334,3 +334,52 @@ def test_traced_eval_always_shifts():
     expected = reference_ce(x, layer, training=False)
     with torch.no_grad():
         assert_output_error(traced(x), expected, x, layer, False)
+
+
+# ------------------------------------------- CE over GN, IN, LN (GroupNormCE)
+PER_SAMPLE_CFGS = {'GN': dict(type='GN', num_groups=8),
+                   'IN': dict(type='IN', affine=True),
+                   'LN': dict(type='LN')}
+
+
+@pytest.mark.parametrize('norm', list(PER_SAMPLE_CFGS))
+@pytest.mark.parametrize('ratio', RATIOS)
+@pytest.mark.parametrize('training', [True, False])
+def test_per_sample_norms_at_large_means(norm, ratio, training):
+    """GN/IN/LN + CE in float32 at mean/std up to 1e4, with channel means
+    that differ by several std (so that the GN and LN groups mix channels of
+    different means), against the torch normalizer then the released block
+    in float64 on the same input: outputs, input gradients, and the block's
+    running buffers after a training step. The normalizer removes the mean
+    per sample, so the ceiling is the BN case's."""
+    from cenet_mmdet.models.layers import build_ce_layer
+    from cenet_mmdet.testing import ReleasedNormCE, released_to_plugin_keys
+    torch.manual_seed(0)
+    ref = ReleasedNormCE(norm, SHAPE[1], num_groups=8).double()
+    with torch.no_grad():
+        ref.norm.weight.uniform_(0.5, 1.5)
+        ref.norm.bias.uniform_(-0.5, 0.5)
+        ref.ce.x_weight.fill_(0.3)
+    _, layer = build_ce_layer(dict(type='CE'), PER_SAMPLE_CFGS[norm], SHAPE[1])
+    layer.load_state_dict(released_to_plugin_keys(ref.state_dict()))
+    if not training:  # non-trivial running buffers of the block
+        with torch.no_grad():
+            warm = make_input(1.0, per_image=True, seed=5)
+            ref(warm.double()), layer(warm)
+    ref.train(training), layer.train(training)
+    x = make_input(ratio, per_image=True).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, expected = layer(x), ref(x64)
+    error = relative_error(out, expected)
+    assert error < CEILING, f'output: relative error {error:.3g}'
+    weights = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    (out * weights).sum().backward()
+    (expected * weights.double()).sum().backward()
+    error = relative_error(x.grad, x64.grad)
+    assert error < GRAD_CEILING, f'input grad: relative error {error:.3g}'
+    expected_state = released_to_plugin_keys(ref.state_dict())
+    for name, value in layer.named_buffers():  # the parameters are not updated
+        if name not in expected_state:  # the plugin's non-finite-step counter
+            continue
+        error = relative_error(value, expected_state[name])
+        assert error < STAT_CEILING, f'{name}: relative error {error:.3g}'

@@ -118,6 +118,13 @@ def test_backbone_check_and_layer_names():
     with pytest.raises(analysis.AnalysisError, match='ResNet or CEResNet backbone; this '
                        "model's backbone is Conv2d"):
         analysis.get_resnet_backbone(other)
+    from cenet_mmdet.models.backbones import CEResNet
+    group_norm = CEResNet(depth=50, base_channels=8, num_stages=1,
+                          out_indices=(0,), strides=(1,), dilations=(1,),
+                          norm_cfg=dict(type='GN', num_groups=2))
+    with pytest.raises(analysis.AnalysisError, match='this backbone has '
+                       r'GroupNorm, GroupNormCE layers \(norm_cfg GN, IN or LN\)'):
+        analysis.get_resnet_backbone(group_norm)
 
     assert analysis.default_ablation_layers(backbone) == [
         'bn1', 'layer1.0.bn3', 'layer2.0.bn3', 'layer3.0.bn3', 'layer4.0.bn3']

@@ -3,7 +3,9 @@ world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
-        [--kinds BN CE SyncCE released floor] [--memory-repeat 3]
+        [--kinds BN CE SyncCE released floor] [--memory-repeat 3] [--norm GN]
+    python tools/benchmarks/bench_backbones.py --compile [--kinds BN CE floor]
+        [--compile-backend inductor] [--warm-cache] ...
 
 All models of one depth are built once; every repeat times each of them once
 (interleaved, rotating order: see common.py), first in eval, then for a train
@@ -22,20 +24,40 @@ require grad, so that the floor's train step also computes the map gradient
 (``dM = g x^T``, ``dc``) that a real CE layer needs: its maps depend on the
 input and the parameters, also under ``norm_eval=True``. ``build`` checks that
 every CE layer was replaced.
+
+``--norm GN`` builds every backbone with GN (32 groups) instead of BN: the
+plain ResNet with GN, and CE after GN at the CE positions
+(:class:`~cenet_mmdet.models.layers.GroupNormCE`); the ratios are then to
+the ResNet with GN (kinds BN, CE, SyncCE, floor).
+
+``--compile`` times the backbones compiled with ``torch.compile`` instead
+(default kinds: BN, CE, floor), in the same interleaved way, each ratio to
+the compiled ResNet. It adds the compile time of each backbone in eval and
+for a train step: the wall time of its first call (which compiles) minus the
+median call, with a fresh, empty inductor cache (a temporary
+``TORCHINDUCTOR_CACHE_DIR``; ``--warm-cache`` keeps the user's cache, whose
+hits make a second compilation much shorter). The backbones are compiled
+one after the other in the table's order, so a kernel that a later backbone
+shares with an earlier one comes from the cache. Peak memory is not measured
+for compiled backbones (a fresh process per backbone would compile again).
 """
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 import torch
 from torch import nn
 
 from common import (interleaved_times, machine_line, markdown_table, median_ms,
-                    peak_memory_mb, pin_threads, ratio)
+                    peak_memory_mb, pin_threads, ratio, synchronize)
 
 import cenet_mmdet  # noqa: F401
-from cenet_mmdet.models.layers import CE
+from cenet_mmdet.models.layers import CELayer
 from cenet_mmdet.ops import apply_maps
 from cenet_mmdet.testing.released_ce import swap_in_released_ce
 from mmdet.registry import MODELS
@@ -54,7 +76,7 @@ class MapsOnly(nn.Module):
     (the product every CE output needs) and nothing else. The maps are leaves
     that require grad (a train step computes ``dM`` and ``dc``)."""
 
-    def __init__(self, layer: CE) -> None:
+    def __init__(self, layer: CELayer) -> None:
         super().__init__()
         self.groups, self.size = layer.ce.num_groups, layer.ce.group_size
         self.maps = {}
@@ -78,18 +100,34 @@ def swap_in_maps_only(model: nn.Module) -> int:
     (an error if any CE layer is left)."""
     replaced = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, CE):
+        if isinstance(module, CELayer):
             parent_name, _, child = name.rpartition('.')
             setattr(model.get_submodule(parent_name), child, MapsOnly(module))
             replaced += 1
-    left = [name for name, module in model.named_modules() if isinstance(module, CE)]
+    left = [name for name, module in model.named_modules()
+            if isinstance(module, CELayer)]
     if left:
         raise RuntimeError(f'floor: CE layers not replaced: {left}')
     return replaced
 
 
+#: the normalizer of every backbone (``--norm``)
+NORM_CFGS = {'BN': dict(type='BN', requires_grad=True),
+             'GN': dict(type='GN', num_groups=32, requires_grad=True)}
+NORM = 'BN'
+
+
+def label(kind: str) -> str:
+    """The table's name of ``kind`` under :data:`NORM`."""
+    if NORM == 'BN':
+        return KINDS[kind]
+    return KINDS[kind].replace('(BN)', f'({NORM})').replace('(CE', f'({NORM}+CE').replace(
+        '(SyncCE', f'({NORM}+SyncCE')
+
+
 def build(kind: str, depth: int) -> nn.Module:
-    cfg = dict(type='ResNet', depth=depth, out_indices=(0, 1, 2, 3))
+    cfg = dict(type='ResNet', depth=depth, out_indices=(0, 1, 2, 3),
+               norm_cfg=dict(NORM_CFGS[NORM]))
     if kind != 'BN':
         cfg.update(type='CEResNet')
     if kind == 'SyncCE':
@@ -127,7 +165,7 @@ def cpu_train_step_mb(kind: str, depth: int, batch: int, size: int,
     ``fork`` + ``exec``, so a child reports the benchmark's own peak)."""
     command = [sys.executable, __file__, '--memory-probe', kind, '--depths',
                str(depth), '--batch', str(batch), '--size', str(size),
-               '--threads', str(threads)]
+               '--threads', str(threads), '--norm', NORM]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])['peak_mb']
 
@@ -176,6 +214,100 @@ def memory_probe(kind: str, depth: int, batch: int, size: int) -> None:
     print(json.dumps(dict(peak_mb=_status_mb('VmHWM') - before)))
 
 
+def prime_floor(model: nn.Module, x: torch.Tensor) -> None:
+    """Create the floor's maps with one eager call, before compiling (a
+    compiled graph would otherwise create its leaves inside the graph)."""
+    if any(isinstance(m, MapsOnly) for m in model.modules()):
+        with torch.no_grad():
+            model(x)
+
+
+def first_call_s(fn, device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def graphs_compiled() -> int:
+    """Graphs compiled by Dynamo in this process so far."""
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
+
+
+def compiled_times(models: dict, x: torch.Tensor, args) -> dict:
+    """``mode -> (times, compile_s, graphs)`` for 'eval' and 'train': the
+    interleaved per-repeat times of the compiled backbones (see
+    :func:`common.interleaved_times`), the compile time of each (the wall
+    time of its first call minus its median call) and the number of graphs
+    its first call compiled (1: no graph break; more calls compile none, or
+    the timings would include compilation)."""
+    for model in models.values():
+        model.eval()
+        prime_floor(model, x)
+    compiled = {kind: torch.compile(model, backend=args.compile_backend)
+                for kind, model in models.items()}
+    results = {}
+    for mode, make_fn in (('eval', eval_fn), ('train', train_fn)):
+        for model in models.values():
+            model.train(mode == 'train')
+        fns = {kind: make_fn(model, x) for kind, model in compiled.items()}
+        first, graphs = {}, {}
+        for kind, fn in fns.items():
+            before = graphs_compiled()
+            first[kind] = first_call_s(fn, args.device)
+            graphs[kind] = graphs_compiled() - before
+        before = graphs_compiled()
+        times = interleaved_times(fns, args.device, args.warmup, args.repeat)
+        if graphs_compiled() != before:
+            raise RuntimeError(f'{mode}: the timed calls compiled '
+                               f'{graphs_compiled() - before} more graph(s)')
+        results[mode] = (times, {kind: first[kind] - statistics.median(times[kind])
+                                 for kind in fns}, graphs)
+    return results
+
+
+def timing_row(depth: int, kind: str, evals: dict, trains: dict, batch: int,
+               last: str) -> list:
+    """One table row: times, images/s and ratios to BN, then ``last``."""
+    return [
+        f'R-{depth}', label(kind), f'{median_ms(evals[kind]):.0f}',
+        f'{batch * 1e3 / median_ms(evals[kind]):.1f}',
+        str(ratio(evals, kind, 'BN')), f'{median_ms(trains[kind]):.0f}',
+        f'{batch * 1e3 / median_ms(trains[kind]):.1f}',
+        str(ratio(trains, kind, 'BN')), last
+    ]
+
+
+def compiled_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
+    models = {kind: build(kind, depth).to(args.device) for kind in kinds}
+    results = compiled_times(models, x, args)
+    (evals, eval_s, eval_graphs), (trains, train_s, train_graphs) = (
+        results['eval'], results['train'])
+    return [timing_row(depth, kind, evals, trains, args.batch,
+                       f'{eval_s[kind]:.1f} / {train_s[kind]:.1f}')
+            + [f'{eval_graphs[kind]} / {train_graphs[kind]}'] for kind in kinds]
+
+
+def eager_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
+    models = {kind: build(kind, depth).to(args.device) for kind in kinds}
+    for model in models.values():
+        model.eval()
+    evals = interleaved_times(
+        {k: eval_fn(m, x) for k, m in models.items()}, args.device,
+        args.warmup, args.repeat)
+    for model in models.values():
+        model.train()
+    trains = interleaved_times(
+        {k: train_fn(m, x) for k, m in models.items()}, args.device,
+        args.warmup, args.repeat)
+    del models  # the CPU probes run in fresh processes
+    memory = step_memory(kinds, depth, x, args)
+    return [timing_row(depth, kind, evals, trains, args.batch,
+                       '-' if memory[kind] != memory[kind] else
+                       f'{memory[kind]:.0f} ({memory[kind] / memory["BN"]:.2f}x)')
+            for kind in kinds]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--depths', type=int, nargs='+', default=[50, 101])
@@ -187,51 +319,61 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=0,
                         help='torch intra-op threads (default: all cores)')
     parser.add_argument('--kinds', nargs='+', choices=list(KINDS),
-                        default=['BN', 'CE', 'SyncCE'])
+                        help='backbones (default: BN CE SyncCE; with '
+                        '--compile: BN CE floor)')
+    parser.add_argument('--compile', action='store_true',
+                        help='time the backbones compiled with torch.compile')
+    parser.add_argument('--compile-backend', default='inductor',
+                        help='torch.compile backend (default: inductor)')
+    parser.add_argument('--warm-cache', action='store_true',
+                        help='compile with the user\'s inductor cache (default: '
+                        'a fresh one, so that the compile time is the cold one)')
     parser.add_argument('--memory-repeat', type=int, default=3,
                         help='rounds of the peak-memory measurement (median)')
+    parser.add_argument('--norm', choices=list(NORM_CFGS), default='BN',
+                        help='the normalizer of every backbone: BN (default) '
+                        'or GN (32 groups; CE after GN at the CE positions)')
     parser.add_argument('--memory-probe', choices=list(KINDS),
                         help=argparse.SUPPRESS)  # internal: one fresh process
     args = parser.parse_args()
+    global NORM
+    NORM = args.norm
+    if NORM != 'BN' and 'released' in (args.kinds or ()):
+        parser.error('--kinds released exists for BN only (the released code is BN + CE)')
     if args.memory_probe:
         pin_threads(args.threads)
         memory_probe(args.memory_probe, args.depths[0], args.batch, args.size)
         return
     pin_threads(args.threads)
+    if args.kinds is None:
+        args.kinds = ['BN', 'CE', 'floor'] if args.compile else ['BN', 'CE', 'SyncCE']
     kinds = ['BN'] + [k for k in args.kinds if k != 'BN']
+    cache = None
+    if args.compile and not args.warm_cache:
+        cache = tempfile.TemporaryDirectory(prefix='bench_inductor_')
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache.name
     rows = []
     for depth in args.depths:
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-        models = {kind: build(kind, depth).to(args.device) for kind in kinds}
-        for model in models.values():
-            model.eval()
-        evals = interleaved_times(
-            {k: eval_fn(m, x) for k, m in models.items()}, args.device,
-            args.warmup, args.repeat)
-        for model in models.values():
-            model.train()
-        trains = interleaved_times(
-            {k: train_fn(m, x) for k, m in models.items()}, args.device,
-            args.warmup, args.repeat)
-        del models  # the CPU probes run in fresh processes
-        memory = step_memory(kinds, depth, x, args)
-        for kind in kinds:
-            rows.append([
-                f'R-{depth}', KINDS[kind], f'{median_ms(evals[kind]):.0f}',
-                f'{args.batch * 1e3 / median_ms(evals[kind]):.1f}',
-                str(ratio(evals, kind, 'BN')), f'{median_ms(trains[kind]):.0f}',
-                f'{args.batch * 1e3 / median_ms(trains[kind]):.1f}',
-                str(ratio(trains, kind, 'BN')),
-                '-' if memory[kind] != memory[kind] else
-                f'{memory[kind]:.0f} ({memory[kind] / memory["BN"]:.2f}x)'
-            ])
-    print(f'Backbone benchmark, batch {args.batch}, {args.size}x{args.size}, '
+        rows += (compiled_rows if args.compile else eager_rows)(depth, kinds, x, args)
+    what = (f'compiled (torch.compile, backend {args.compile_backend}, '
+            f'{"warm" if args.warm_cache else "fresh"} inductor cache) '
+            if args.compile else '')
+    print(f'Backbone benchmark, {NORM}, {what}batch {args.batch}, {args.size}x{args.size}, '
           f'{args.repeat} interleaved repeats; {machine_line(args.device)}\n')
-    print(markdown_table([
-        'depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN (min-max)',
-        'train ms', 'train img/s', 'train / BN (min-max)', 'peak MB (/ BN)'
-    ], rows))
+    header = ['depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN (min-max)',
+              'train ms', 'train img/s', 'train / BN (min-max)']
+    if args.compile:
+        print(markdown_table(header + ['compile s (eval / train)',
+                                       'graphs (eval / train)'], rows))
+        print('\ncompile s: the first call (which compiles) minus the median '
+              'call; graphs: compiled by that call (1: no graph break); the '
+              f'ratios are to the compiled ResNet ({NORM})')
+        if cache is not None:
+            cache.cleanup()
+        return
+    print(markdown_table(header + ['peak MB (/ BN)'], rows))
     print('\npeak MB: ' + ('the CUDA allocator\'s peak over one train step' if
                           args.device != 'cpu' else 'the peak resident set during one '
                           'train step minus the resident set before it (VmHWM '

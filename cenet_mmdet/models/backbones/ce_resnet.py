@@ -9,34 +9,37 @@ in the 3x3 conv, i.e. ``style='pytorch'``) with a CE block
   (``conv3 -> bn3 -> CE -> (+ identity) -> relu``); never in the downsample
   branch, none in stage 4.
 
-Here a :class:`~cenet_mmdet.models.layers.CE` layer is "BN + CE block" in one
-module (a ``nn.BatchNorm2d`` subclass), so CE placement means *replacing* the
-stem ``norm1`` and the ``norm3`` of the chosen blocks by a CE layer. The module
-names stay ``bn1``/``bn3`` (the CE block is the child ``ce``), hence
-torchvision-style checkpoints keep their names: released ``ce1.*`` becomes
-``bn1.ce.*`` and ``layerA.B.ce.*`` becomes ``layerA.B.bn3.ce.*`` (see
-``tools/model_converters/cenet2mmdet.py``).
+Here a CE layer is "normalizer + CE block" in one module, so CE placement
+means *replacing* the stem ``norm1`` and the ``norm3`` of the chosen blocks by
+a CE layer over the backbone's ``norm_cfg`` normalizer
+(:func:`~cenet_mmdet.models.layers.build_ce_layer`): :class:`CE` (BN + CE,
+a ``nn.BatchNorm2d`` subclass) for BN, SyncCE for SyncBN, and
+:class:`~cenet_mmdet.models.layers.GroupNormCE` for GN, IN and LN. The module names are the normalizer's
+(``bn1``/``bn3`` over BN, ``gn1``/``gn3`` over GN; the CE block is the child
+``ce``), hence torchvision-style checkpoints keep their names: released
+``ce1.*`` becomes ``bn1.ce.*`` and ``layerA.B.ce.*`` becomes
+``layerA.B.bn3.ce.*`` (see ``tools/model_converters/cenet2mmdet.py``). A
+``norm_cfg`` type that cannot carry CE is refused by name.
 
 Everything else is MMDetection's ``ResNet``: the subclass only swaps the block
 class of the CE stages (:class:`CEBottleneck`, the ResNeXt pattern) and the
 stem norm, so ``num_stages``, ``out_indices``, ``frozen_stages``,
 ``norm_cfg``, ``norm_eval``, ``dcn``, ``plugins``, ``with_cp``,
 ``zero_init_residual`` and ``init_cfg`` behave as for ``type='ResNet'``.
-CE subclasses ``_BatchNorm``, so ``norm_eval=True`` and ``frozen_stages``
-reach CE layers (their BN statistics and CE buffers stop updating, their
-parameters including lambda and the AII gate stop receiving gradients).
+``norm_eval=True`` and ``frozen_stages`` reach CE layers over any normalizer
+(their BN statistics, if any, and CE buffers stop updating, their parameters
+including lambda and the AII gate stop receiving gradients).
 """
 import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from mmcv.cnn import build_norm_layer
 from mmdet.models.backbones.resnet import Bottleneck, ResNet
 from mmdet.models.layers import ResLayer
 from mmdet.registry import MODELS
 from torch import nn
 
-from ..layers import CE
+from ..layers import CELayer, build_ce_layer, check_ce_cfg
 
 CE_CONVERTER = 'tools/model_converters/cenet2mmdet.py'
 CLS_CONVERTER = 'tools/model_converters/cls2backbone.py'
@@ -50,17 +53,6 @@ DEFAULT_STAGE_WITH_CE = {
     50: (True, True, True, False),
     101: (True, True, False, False),
 }
-
-
-def _build_ce_layer(ce_cfg: dict, num_features: int,
-                    postfix: int) -> Tuple[str, CE]:
-    """``build_norm_layer`` for a CE config; refuses non-CE layer types."""
-    name, layer = build_norm_layer(ce_cfg, num_features, postfix=postfix)
-    if not isinstance(layer, CE):
-        raise TypeError(
-            f'ce_cfg must build a CE layer (type "CE", "SyncCE" or a '
-            f'subclass), but {ce_cfg!r} built {type(layer).__name__}')
-    return name, layer
 
 
 def _located_error(err: ValueError, where: str, switch_off: str) -> ValueError:
@@ -82,14 +74,16 @@ def _pretrained_cfgs(init_cfg) -> List[dict]:
 class CEBottleneck(Bottleneck):
     """MMDetection's ``Bottleneck`` with a CE layer as ``norm3`` (``bn3``).
 
-    ``conv3 -> bn3 (BN + CE) -> plugins after conv3 -> (+ identity) -> relu``.
-    The downsample branch is built by ``ResLayer`` with the plain ``norm_cfg``.
+    ``conv3 -> bn3 (BN + CE) -> plugins after conv3 -> (+ identity) -> relu``;
+    over GN the layer is ``gn3`` (GN + CE), and so on for IN, LN
+    (:func:`~cenet_mmdet.models.layers.build_ce_layer`). The downsample
+    branch is built by ``ResLayer`` with the plain ``norm_cfg``.
 
     Args:
         inplanes, planes, **kwargs: as for ``Bottleneck``.
-        ce_cfg: config of the CE layer that replaces ``norm3``, e.g.
-            ``dict(type='CE')``; ``None`` gives a plain ``Bottleneck``.
-            Default: None.
+        ce_cfg: config of the CE block that follows the block's ``norm_cfg``
+            normalizer as ``norm3``, e.g. ``dict(type='CE')``; ``None`` gives
+            a plain ``Bottleneck``. Default: None.
     """
 
     def __init__(self,
@@ -100,7 +94,8 @@ class CEBottleneck(Bottleneck):
         super().__init__(inplanes, planes, **kwargs)
         self.ce_cfg = ce_cfg
         if ce_cfg is not None:
-            name, layer = _build_ce_layer(ce_cfg, planes * self.expansion, 3)
+            name, layer = build_ce_layer(ce_cfg, self.norm_cfg,
+                                         planes * self.expansion, 3)
             delattr(self, self.norm3_name)  # 'bn3', or e.g. 'gn3' for GN
             self.norm3_name = name
             self.add_module(name, layer)
@@ -161,14 +156,15 @@ class CEResNet(ResNet):
 
     Args:
         depth: 50 or 101.
-        ce_cfg: config of the CE layers, built with
-            ``mmcv.cnn.build_norm_layer`` (so the layers are named ``bn1`` /
-            ``bn3``). ``dict(type='SyncCE')`` gives the synchronized
-            backbone; other keys go to the layer (``group_size``,
-            ``momentum``, ``frozen_gate``, ...). ``requires_grad`` is taken
-            from ``norm_cfg`` unless ``ce_cfg`` sets it. ``None`` disables CE
-            (a plain ResNet). Default: ``dict(type='CE')`` (group size 16 in
-            the blocks).
+        ce_cfg: config of the CE blocks, which follow the ``norm_cfg``
+            normalizer at the CE positions (BN, SyncBN, GN, IN or LN; the
+            layers are named after it: ``bn1``/``bn3``, ``gn1``/``gn3``, ...).
+            ``dict(type='SyncCE')`` synchronizes the CE statistics (over
+            SyncBN they always are); other keys go to the layer
+            (``group_size``, ``momentum``, ``variant``, ``frozen_gate``, ...).
+            ``requires_grad`` is taken from ``norm_cfg`` unless ``ce_cfg``
+            sets it. ``None`` disables CE (a plain ResNet). Default:
+            ``dict(type='CE')`` (group size 16 in the blocks).
         stage_with_ce: one flag per stage (length ``num_stages``): whether the
             blocks of that stage get CE. Default: None (by depth, see above).
         stem_ce: put CE after the stem norm. Default: True.
@@ -231,6 +227,10 @@ class CEResNet(ResNet):
                 raise TypeError(
                     f'ce_cfg must be a dict with a "type" key (e.g. '
                     f'dict(type="CE")) or None, got {ce_cfg!r}')
+            try:
+                check_ce_cfg(ce_cfg, norm_cfg)
+            except ValueError as err:
+                raise ValueError(f'CEResNet: {err}') from None
             ce_cfg = copy.deepcopy(dict(ce_cfg))
             ce_cfg.setdefault('requires_grad',
                               norm_cfg.get('requires_grad', True))
@@ -248,19 +248,20 @@ class CEResNet(ResNet):
     @property
     def num_ce_layers(self) -> int:
         """How many CE layers the backbone holds."""
-        return sum(isinstance(m, CE) for m in self.modules())
+        return sum(isinstance(m, CELayer) for m in self.modules())
 
     # ------------------------------------------------ pretrained CE weights
-    def ce_layers(self) -> List[Tuple[str, CE]]:
+    def ce_layers(self) -> List[Tuple[str, CELayer]]:
         """``(name, layer)`` of every CE layer, in module order."""
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, CE)]
+        return [(name, m) for name, m in self.named_modules()
+                if isinstance(m, CELayer)]
 
     def unloaded_ce_layers(self) -> List[str]:
         """Names of the CE layers whose CE block never came from a state dict
         (``CEBlock.loaded``): they hold their construction-time values."""
         return [name for name, layer in self.ce_layers() if not layer.ce.loaded]
 
-    def _frozen_reasons(self, layer: CE) -> List[str]:
+    def _frozen_reasons(self, layer: CELayer) -> List[str]:
         """Why an untrained CE layer would never change (empty: it trains)."""
         reasons = []
         if self.norm_eval:
@@ -320,6 +321,12 @@ class CEResNet(ResNet):
         returning ``self`` as ``nn.Module.train`` does (``ResNet.train``
         returns None, which breaks ``model = CEResNet(...).eval()``)."""
         super().train(mode)
+        if mode and self.norm_eval:
+            # ResNet.train puts _BatchNorm layers in eval; a CE layer over GN,
+            # IN or LN is not one, but its CE block has running statistics
+            # that norm_eval must freeze too.
+            for _, layer in self.ce_layers():
+                layer.eval()
         return self
 
     def _make_stem_layer(self, in_channels: int, stem_channels: int) -> None:
@@ -328,7 +335,7 @@ class CEResNet(ResNet):
             return
         stem_cfg = dict(self.ce_cfg, group_size=self.stem_group_size)
         try:
-            name, layer = _build_ce_layer(stem_cfg, stem_channels, 1)
+            name, layer = build_ce_layer(stem_cfg, self.norm_cfg, stem_channels, 1)
         except ValueError as err:
             raise _located_error(err, f'the stem ({stem_channels} channels)',
                                  'stem_ce=False') from err

@@ -1,12 +1,26 @@
 """CE norm layers, registered in the root MMEngine ``MODELS`` registry so that
-``mmcv.cnn.build_norm_layer(dict(type='CE'), C)`` finds them in every scope."""
+``mmcv.cnn.build_norm_layer(dict(type='CE'), C)`` finds them in every scope.
+
+* :class:`CE` / :class:`SyncCE`: BN + CE (the released layer), fused;
+* :class:`GroupNormCE` / :class:`SyncGroupNormCE`: GN, IN or LN + CE;
+* :func:`build_ce_layer`: the CE layer over the normalizer a ``norm_cfg``
+  names (what CEResNet uses).
+"""
 from mmengine.registry import MODELS
 
-from .ce import CE, CEBlock, AdaptiveInstanceInverse, RELEASED_CE_KEYS
-from .sync_ce import SyncCE
+from .builder import (CE_NORM_TYPES, CE_TYPES, build_ce_layer, check_ce_cfg,
+                      is_ce_layer)
+from .ce import (CE, CE_VARIANTS, RELEASED_CE_KEYS, AdaptiveInstanceInverse,
+                 CEBlock, CELayer)
+from .group_norm_ce import PER_SAMPLE_NORMS, GroupNormCE
+from .sync_ce import SyncCE, SyncGroupNormCE, sync_form
 
 MODELS.register_module('CE', module=CE)
 MODELS.register_module('SyncCE', module=SyncCE)
+MODELS.register_module('GroupNormCE', module=GroupNormCE)
+MODELS.register_module('SyncGroupNormCE', module=SyncGroupNormCE)
 
-__all__ = ['CE', 'SyncCE', 'CEBlock', 'AdaptiveInstanceInverse',
-           'RELEASED_CE_KEYS']
+__all__ = ['CE', 'SyncCE', 'GroupNormCE', 'SyncGroupNormCE', 'CELayer',
+           'CEBlock', 'AdaptiveInstanceInverse', 'RELEASED_CE_KEYS',
+           'CE_VARIANTS', 'CE_TYPES', 'CE_NORM_TYPES', 'PER_SAMPLE_NORMS',
+           'build_ce_layer', 'check_ce_cfg', 'is_ce_layer', 'sync_form']

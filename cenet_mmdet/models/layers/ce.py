@@ -1,5 +1,12 @@
 """CE: batch normalization followed by a Channel Equilibrium block.
 
+:class:`CELayer` holds what every CE layer shares whatever normalizer
+precedes the block (the block's maps, the guarded running update, the
+synchronization hook); :class:`CE` is BN + CE, the released layer, and
+:class:`~cenet_mmdet.models.layers.GroupNormCE` is GN/IN/LN + CE. The block
+(:class:`CEBlock`) has three variants (paper Table 4): both branches
+(``'ce'``, the default), BD only (``'bd'``) and AII only (``'aii'``).
+
 Design notes
 ------------
 * ``CE`` subclasses :class:`torch.nn.BatchNorm2d`, so MMCV/MMDetection treat it
@@ -51,7 +58,7 @@ Design notes
 """
 import contextlib
 import logging
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +70,8 @@ from ...ops import (GradientLink, apply_maps, fold_channel_equilibrium,
                     resolve_group_size, sample_moments, shifted_moments)
 
 WHITENING_MODES = ('released', 'paper')
+#: the block's variants (paper Table 4): both branches, BD only, AII only
+CE_VARIANTS = ('ce', 'bd', 'aii')
 
 #: released CE key suffix -> key suffix inside :attr:`CE.ce` (the checkpoint map)
 RELEASED_CE_KEYS = {
@@ -174,7 +183,18 @@ class CEBlock(nn.Module):
         p = \\lambda\\, \\mathrm{BD}(y) + (1 - \\lambda)\\, \\mathrm{AII}(y),\\quad
         \\lambda = \\sigma(\\text{lambda\\_logit})
 
-    The computation is done by :class:`CE`, which owns the preceding BN.
+    The computation is done by the layer that owns the block (:class:`CE`,
+    or :class:`~cenet_mmdet.models.layers.GroupNormCE`), which also owns the
+    preceding normalizer.
+
+    Variants (paper Table 4), chosen by ``variant``:
+
+    * ``'ce'``: both branches mixed by the learnt :math:`\\lambda` (the
+      released block; the default);
+    * ``'bd'``: batch decorrelation only, :math:`p = \\mathrm{BD}(y)`
+      (no ``lambda_logit``, no ``aii``);
+    * ``'aii'``: adaptive instance inverse only, :math:`p = \\mathrm{AII}(y)`
+      (no ``lambda_logit``, no ``running_mean``/``running_whitening``).
 
     Args:
         num_channels: ``C``.
@@ -185,6 +205,7 @@ class CEBlock(nn.Module):
         reduction: AII gate reduction. Default: 4.
         whitening: ``'released'`` (``P_T`` applied to the uncentred input) or
             ``'paper'`` (``P_T / sqrt(tr Sigma)`` applied to the centred input).
+        variant: ``'ce'``, ``'bd'`` or ``'aii'``. Default: ``'ce'``.
     """
 
     def __init__(self,
@@ -193,11 +214,15 @@ class CEBlock(nn.Module):
                  num_iters: int = 3,
                  eps: float = 1e-5,
                  reduction: int = 4,
-                 whitening: str = 'released') -> None:
+                 whitening: str = 'released',
+                 variant: str = 'ce') -> None:
         super().__init__()
         if whitening not in WHITENING_MODES:
             raise ValueError(f'whitening must be one of {WHITENING_MODES}, '
                              f'got {whitening!r}')
+        if variant not in CE_VARIANTS:
+            raise ValueError(f'variant must be one of {CE_VARIANTS} (CE, '
+                             f'BD only, AII only), got {variant!r}')
         if not isinstance(num_iters, int) or num_iters < 0:
             raise ValueError(f'num_iters must be an int >= 0, got {num_iters!r}')
         self.num_channels = num_channels
@@ -206,20 +231,44 @@ class CEBlock(nn.Module):
         self.num_iters = num_iters
         self.eps = eps
         self.whitening = whitening
-        self.lambda_logit = nn.Parameter(torch.zeros(1))
-        self.aii = AdaptiveInstanceInverse(num_channels, reduction)
-        groups, size = self.num_groups, self.group_size
-        self.register_buffer('running_mean', torch.zeros(groups, size, 1))
-        # A real (G, d, d) tensor, not an expanded identity.
-        self.register_buffer('running_whitening',
-                             torch.eye(size).repeat(groups, 1, 1))
+        self.variant = variant
+        if variant == 'ce':
+            self.lambda_logit = nn.Parameter(torch.zeros(1))
+        if self.has_aii:
+            self.aii = AdaptiveInstanceInverse(num_channels, reduction)
+        if self.has_bd:
+            groups, size = self.num_groups, self.group_size
+            self.register_buffer('running_mean', torch.zeros(groups, size, 1))
+            # A real (G, d, d) tensor, not an expanded identity.
+            self.register_buffer('running_whitening',
+                                 torch.eye(size).repeat(groups, 1, 1))
+        #: whether lambda and the AII gate are fixed (:meth:`freeze_gate`)
+        self.gate_frozen = False
         #: whether every tensor of the block has come from a state dict at
         #: least once (else they hold their construction-time values)
         self.loaded = False
 
+    @property
+    def has_bd(self) -> bool:
+        """Whether the block has the batch decorrelation branch."""
+        return self.variant != 'aii'
+
+    @property
+    def has_aii(self) -> bool:
+        """Whether the block has the adaptive instance inverse branch."""
+        return self.variant != 'bd'
+
+    def mixing(self, like: Tensor) -> Tensor:
+        """:math:`\\lambda` ``(1,)`` in ``like``'s dtype: learnt for ``'ce'``,
+        1 for ``'bd'``, 0 for ``'aii'``."""
+        if self.variant == 'ce':
+            return torch.sigmoid(self.lambda_logit.to(like.dtype))
+        return like.new_full((1, ), 1.0 if self.variant == 'bd' else 0.0)
+
     def freeze_gate(self) -> None:
         """Fix lambda and the AII gate F (the paper's SyncCE detection setting)."""
         _params_to_buffers(self)
+        self.gate_frozen = True
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs) -> None:
@@ -238,63 +287,33 @@ class CEBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f'{self.num_channels}, group_size={self.group_size}, '
                 f'num_iters={self.num_iters}, eps={self.eps}, '
-                f'whitening={self.whitening!r}')
+                f'whitening={self.whitening!r}, variant={self.variant!r}')
 
 
-class CE(nn.BatchNorm2d):
-    """Batch normalization followed by Channel Equilibrium (the released CE).
+class CELayer:
+    """What every CE layer shares, whatever normalizer precedes the block.
 
-    Args:
-        num_features: ``C`` of an input ``(N, C, H, W)``.
-        eps: BN epsilon. Default: 1e-5.
-        momentum: running-statistics momentum of BN and CE. Default: 0.1.
-        affine: BN affine parameters. Default: True.
-        group_size: CE whitening group size ``d``. Default: 16 (64 in the stem).
-        num_iters: Newton steps ``T``. Default: 3.
-        ce_eps: covariance epsilon. Default: 1e-5.
-        reduction: AII gate reduction. Default: 4.
-        pool_stats: compute the CE mean and covariance on a 2x2 max-pooled copy
-            of the BN output (released option, off in the released ResNet).
-        whitening: ``'released'`` (default) or ``'paper'``.
-        frozen_gate: fix lambda and the AII gate (stored as buffers), as in the
-            paper's SyncCE detection setting. Default: False.
-
-    Shape:
-        input and output ``(N, C, H, W)`` with ``H * W > 1``.
+    A mixin for a torch normalizer class (``class CE(CELayer,
+    nn.BatchNorm2d)``): the input checks, the autocast-free forward, the
+    per-sample maps of the block (:meth:`_maps`), the guarded running-buffer
+    update and the synchronization hooks (:meth:`_reduce`, overridden by the
+    synchronized layers). A subclass calls :meth:`_init_ce_block` in its
+    ``__init__`` and implements ``_forward``. ``isinstance(m, CELayer)`` finds
+    every CE layer.
     """
 
-    #: In eval on the CPU, moments are taken on the unshifted input when every
-    #: (image, channel) has ``mean^2 <= UNSHIFTED_MEAN_RATIO * var`` (at most 2
-    #: digits lost); otherwise about a per-(image, channel) shift.
-    UNSHIFTED_MEAN_RATIO = 100.0
     #: a skipped (non-finite) running-statistics update is logged once per
     #: this many skips of the layer (the 1st, the N+1-th, ...)
     NONFINITE_LOG_EVERY = 100
     #: off the CPU the skip count is read once per this many updates
     NONFINITE_CHECK_EVERY = 100
 
-    def __init__(self,
-                 num_features: int,
-                 eps: float = 1e-5,
-                 momentum: float = 0.1,
-                 affine: bool = True,
-                 track_running_stats: bool = True,
-                 group_size: int = 16,
-                 num_iters: int = 3,
-                 ce_eps: float = 1e-5,
-                 reduction: int = 4,
-                 pool_stats: bool = False,
-                 whitening: str = 'released',
-                 frozen_gate: bool = False) -> None:
-        if not track_running_stats:
-            raise ValueError('CE needs running statistics '
-                             '(track_running_stats=True)')
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-            raise ValueError(f'momentum must be a float in [0, 1], got {momentum!r}')
-        super().__init__(num_features, eps, momentum, affine, True)
-        self.pool_stats = pool_stats
+    def _init_ce_block(self, num_features: int, group_size: int, num_iters: int,
+                       ce_eps: float, reduction: int, whitening: str, variant: str,
+                       frozen_gate: bool) -> None:
+        """Build the block ``self.ce`` and the skip counter."""
         self.ce = CEBlock(num_features, group_size, num_iters, ce_eps, reduction,
-                          whitening)
+                          whitening, variant)
         if frozen_gate:
             self.ce.freeze_gate()
         # training batches whose statistics were not finite (not saved)
@@ -305,7 +324,13 @@ class CE(nn.BatchNorm2d):
 
     @property
     def frozen_gate(self) -> bool:
-        return not any(True for _ in self.ce.parameters())
+        """Whether lambda and the AII gate are fixed (stored as buffers)."""
+        return self.ce.gate_frozen
+
+    @property
+    def variant(self) -> str:
+        """The block's variant: ``'ce'``, ``'bd'`` or ``'aii'``."""
+        return self.ce.variant
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
@@ -321,6 +346,13 @@ class CE(nn.BatchNorm2d):
                 f'positions per channel (unbiased variance over H*W), got '
                 f'{tuple(x.shape)}')
 
+    def _check_batch(self, x_grouped: Tensor) -> None:
+        if x_grouped.size(0) == 0:
+            raise ValueError(
+                f'{type(self).__name__}: expected more than 1 value per channel '
+                f'when training with batch statistics, got an empty batch '
+                f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
+
     # ------------------------------------------------------------ statistics
     def _reduce(self, packed: Tensor) -> Tensor:
         """Combine the packed batch statistics across workers (identity here)."""
@@ -328,11 +360,6 @@ class CE(nn.BatchNorm2d):
 
     def _use_batch_stats(self) -> bool:
         return self.training
-
-    def _common_shift(self, shift: Tensor) -> Tensor:
-        """The reference ``(G, d)`` about which the batch sums are taken: the
-        first sample's shift (every worker must use the same one)."""
-        return shift[0]
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -343,6 +370,193 @@ class CE(nn.BatchNorm2d):
                 _full_fp32_matmuls(device_type):
             return self._forward(x)
 
+    @staticmethod
+    def _instance_variance(deviations: Tensor, positions: int) -> Tensor:
+        """Unbiased per-instance variance ``(N, C)`` from the sums of squared
+        deviations ``(N, G, d)``, clamped at 0."""
+        return (deviations / (positions - 1)).clamp_min(0).flatten(1)
+
+    def _block_statistics(self, cov_y: Tensor, mean_var: Tensor
+                          ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """The whitening matrices ``(G, d, d)`` of the batch covariance
+        ``cov_y`` of the normalizer output (BD) and the AII batch scale
+        :math:`\\sqrt{\\max(\\bar v, \\epsilon)}` from the mean per-instance
+        variance ``mean_var``; None for a branch the variant lacks."""
+        ce = self.ce
+        whitening = aii_scale = None
+        if ce.has_bd:
+            eye = torch.eye(ce.group_size, dtype=cov_y.dtype, device=cov_y.device)
+            whitening = inverse_sqrt_newton(
+                cov_y + ce.eps * eye, ce.num_iters, rescale=ce.whitening == 'paper')
+        if ce.has_aii:
+            aii_scale = mean_var.clamp_min(ce.eps).sqrt()
+        return whitening, aii_scale
+
+    def _block_updates(self, mean_y: Tensor, whitening: Optional[Tensor],
+                       aii_scale: Optional[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+        """``(running buffer, new value)`` of the block's buffers."""
+        ce = self.ce
+        updates = []
+        if ce.has_bd:
+            updates += [(ce.running_mean, mean_y.unsqueeze(-1)),
+                        (ce.running_whitening, whitening)]
+        if ce.has_aii:
+            updates.append((ce.aii.running_scale, aii_scale.reshape(1)))
+        return updates
+
+    def _running_block(self, dtype: torch.dtype
+                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """``(whitening (G, d, d), aii_scale (1,), mean_y (G, d))`` from the
+        running buffers (None for a branch the variant lacks)."""
+        ce = self.ce
+        whitening = aii_scale = mean_y = None
+        if ce.has_bd:
+            whitening = ce.running_whitening.to(dtype)
+            mean_y = ce.running_mean.to(dtype).squeeze(-1)
+        if ce.has_aii:
+            aii_scale = ce.aii.running_scale.to(dtype)
+        return whitening, aii_scale, mean_y
+
+    def _commit_running(self, updates: List[Tuple[Tensor, Tensor]],
+                        has_data: Tensor, like: Tensor) -> None:
+        """Momentum update of every running buffer in ``updates``.
+
+        None when ``has_data`` is False, and none when any new statistic is
+        not finite (a NaN/Inf batch, e.g. an AMP overflow): the buffers keep
+        their last finite values and :attr:`nonfinite_skips` counts the skip.
+        Both are decided on the device (``torch.where``: no host
+        synchronization)."""
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(value).all()
+                                  for _, value in updates]).all()
+            accept = has_data & finite
+            self.nonfinite_skips.add_((has_data & ~finite).to(self.nonfinite_skips.dtype))
+            tracked = getattr(self, 'num_batches_tracked', None)
+            if tracked is not None:
+                tracked.add_(accept.to(tracked.dtype))
+            for buffer, value in updates:
+                # lerp(b, b, w) == b exactly: a rejected update changes nothing
+                value = torch.where(accept, value.to(buffer.dtype), buffer)
+                buffer.lerp_(value, self.momentum)
+        if self._should_read_skips(like):
+            self._report_nonfinite_skips()
+
+    def _should_read_skips(self, like: Tensor) -> bool:
+        """Whether to read :attr:`nonfinite_skips` now: every update eagerly on
+        the CPU, every :attr:`NONFINITE_CHECK_EVERY` updates on other devices
+        (one host synchronization per that many), never when traced or
+        compiled."""
+        if not _is_eager():
+            return False
+        if like.device.type == 'cpu':
+            return True
+        self._updates_unread += 1
+        if self._updates_unread < self.NONFINITE_CHECK_EVERY:
+            return False
+        self._updates_unread = 0
+        return True
+
+    def _report_nonfinite_skips(self) -> None:
+        """Log the 1st, (N+1)-th, (2N+1)-th, ... skipped update (``N =``
+        :attr:`NONFINITE_LOG_EVERY`)."""
+        skips, seen = int(self.nonfinite_skips), self._nonfinite_seen
+        self._nonfinite_seen = skips
+        every = self.NONFINITE_LOG_EVERY
+        if (skips - 1) // every <= (seen - 1) // every:
+            return
+        print_log(
+            f'{type(self).__name__}({self.num_features}): a training batch gave '
+            f'non-finite statistics (NaN/Inf input, e.g. an AMP overflow); its '
+            f'running statistics keep their last finite values ({skips} '
+            f'batch(es) skipped so far in this layer; logged once per {every}).',
+            logger='current', level=logging.WARNING)
+
+    def _maps(self, whitening: Optional[Tensor], aii_scale: Optional[Tensor],
+              instance_var_y: Tensor, scale: Tensor, shift_n: Tensor,
+              mean_y: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Per-sample ``(matrix, bias)`` of the layer for the normalizer
+        output ``y = a x + b_n`` (``scale`` ``a``: ``(G, d)``, or ``(N, G, d)``
+        for a per-sample normalizer; ``shift_n`` ``(N, G, d)``); a branch the
+        variant lacks (None) contributes nothing."""
+        ce = self.ce
+        groups, size = ce.num_groups, ce.group_size
+        lam = ce.mixing(scale)
+        if ce.has_aii:
+            gate = self._gate(instance_var_y)
+            instance_scale = (1 - lam) * gate / aii_scale  # (N, C)
+        else:
+            instance_scale = instance_var_y.new_zeros(instance_var_y.shape)
+        if whitening is None:  # AII only: lam = 0, no BD term
+            whitening = scale.new_zeros(groups, size, size)
+        center = mean_y if ce.whitening == 'paper' and ce.has_bd else None
+        return fold_channel_equilibrium(
+            lam, whitening, instance_scale.view(-1, groups, size), scale, shift_n,
+            center)
+
+    def _gate(self, instance_var_y: Tensor) -> Tensor:
+        """AII gate, evaluated in the gate's own dtype, returned in the input's."""
+        gate_dtype = self.ce.aii.gate[0].weight.dtype
+        return self.ce.aii(instance_var_y.to(gate_dtype)).to(instance_var_y.dtype)
+
+
+class CE(CELayer, nn.BatchNorm2d):
+    """Batch normalization followed by Channel Equilibrium (the released CE).
+
+    Args:
+        num_features: ``C`` of an input ``(N, C, H, W)``.
+        eps: BN epsilon. Default: 1e-5.
+        momentum: running-statistics momentum of BN and CE. Default: 0.1.
+        affine: BN affine parameters. Default: True.
+        group_size: CE whitening group size ``d``. Default: 16 (64 in the stem).
+        num_iters: Newton steps ``T``. Default: 3.
+        ce_eps: covariance epsilon. Default: 1e-5.
+        reduction: AII gate reduction. Default: 4.
+        pool_stats: compute the CE mean and covariance on a 2x2 max-pooled copy
+            of the BN output (released option, off in the released ResNet).
+        whitening: ``'released'`` (default) or ``'paper'``.
+        variant: ``'ce'`` (default), ``'bd'`` (BD only) or ``'aii'`` (AII
+            only), see :class:`CEBlock`.
+        frozen_gate: fix lambda and the AII gate (stored as buffers), as in the
+            paper's SyncCE detection setting. Default: False.
+
+    Shape:
+        input and output ``(N, C, H, W)`` with ``H * W > 1``.
+    """
+
+    #: In eval on the CPU, moments are taken on the unshifted input when every
+    #: (image, channel) has ``mean^2 <= UNSHIFTED_MEAN_RATIO * var`` (at most 2
+    #: digits lost); otherwise about a per-(image, channel) shift.
+    UNSHIFTED_MEAN_RATIO = 100.0
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: float = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 group_size: int = 16,
+                 num_iters: int = 3,
+                 ce_eps: float = 1e-5,
+                 reduction: int = 4,
+                 pool_stats: bool = False,
+                 whitening: str = 'released',
+                 variant: str = 'ce',
+                 frozen_gate: bool = False) -> None:
+        if not track_running_stats:
+            raise ValueError('CE needs running statistics '
+                             '(track_running_stats=True)')
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f'momentum must be a float in [0, 1], got {momentum!r}')
+        super().__init__(num_features, eps, momentum, affine, True)
+        self.pool_stats = pool_stats
+        self._init_ce_block(num_features, group_size, num_iters, ce_eps, reduction,
+                            whitening, variant, frozen_gate)
+
+    def _common_shift(self, shift: Tensor) -> Tensor:
+        """The reference ``(G, d)`` about which the batch sums are taken: the
+        first sample's shift (every worker must use the same one)."""
+        return shift[0]
+
     def _forward(self, x: Tensor) -> Tensor:
         """The layer, with autocast off and full-fp32 matmuls."""
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -351,9 +565,13 @@ class CE(nn.BatchNorm2d):
         ce = self.ce
         # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
         x_grouped = x_compute.reshape(n, ce.num_groups, ce.group_size, h * w)
-        # the moments' backward adds into the application's input gradient
-        link = GradientLink() if torch.is_grad_enabled() else None
-        if self._use_batch_stats():
+        # The moments' backward adds into the application's input gradient,
+        # when the moments are in the graph: in eval, BD only uses none of
+        # them (running statistics throughout), so nothing is handed over.
+        training = self._use_batch_stats()
+        link = (GradientLink() if torch.is_grad_enabled()
+                and (training or ce.has_aii) else None)
+        if training:
             # Shifted one-pass moments: every (image, channel) is shifted by
             # one of its own values, so the sums stay accurate however large
             # |mean| / std is. The shift is folded back exactly into the maps
@@ -385,19 +603,6 @@ class CE(nn.BatchNorm2d):
         """``sum_l (x_l - mean)^2 = Q - S^2 / L`` per (image, channel),
         ``(N, G, d)`` (plain ops: traced for ONNX, ``L`` is a tensor)."""
         return squares - sums.square() / positions
-
-    @staticmethod
-    def _instance_variance(deviations: Tensor, positions: int) -> Tensor:
-        """Unbiased per-instance variance ``(N, C)`` of the BN input, clamped
-        at 0."""
-        return (deviations / (positions - 1)).clamp_min(0).flatten(1)
-
-    def _check_batch(self, x_grouped: Tensor) -> None:
-        if x_grouped.size(0) == 0:
-            raise ValueError(
-                f'{type(self).__name__}: expected more than 1 value per channel '
-                f'when training with batch statistics, got an empty batch '
-                f'{tuple(x_grouped.shape)} (N, G, d, H*W)')
 
     def _train_maps(self, x_shifted: Tensor, shift: Tensor, h: int, w: int,
                     link: Optional[GradientLink] = None) -> Tuple[Tensor, Tensor]:
@@ -454,14 +659,9 @@ class CE(nn.BatchNorm2d):
         if self.pool_stats:
             cov_y, mean_y = self._pooled_covariance(x_shifted, scale_g, shift_n,
                                                     count, h, w)
-        eye = torch.eye(size, dtype=cov_y.dtype, device=cov_y.device)
-        cov_y = cov_y + ce.eps * eye
-        whitening = inverse_sqrt_newton(
-            cov_y, ce.num_iters, rescale=ce.whitening == 'paper')
-
         # AII: per-instance variance of y is a^2 Var(x); batch scale from all N, C.
         mean_var = (total_var * bn_scale.square()).sum() / (num_instances * channels)
-        aii_scale = mean_var.clamp_min(ce.eps).sqrt()
+        whitening, aii_scale = self._block_statistics(cov_y, mean_var)
         self._update_running(mean, var, count, has_data, mean_y, whitening,
                              aii_scale)
         return self._maps(whitening, aii_scale, instance_var * bn_scale.square(),
@@ -483,65 +683,16 @@ class CE(nn.BatchNorm2d):
         return cov, mean_y
 
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor,
-                        has_data: Tensor, mean_y: Tensor, whitening: Tensor,
-                        aii_scale: Tensor) -> None:
-        """Momentum update of every running buffer.
-
-        None when ``has_data`` is False, and none when any new statistic is
-        not finite (a NaN/Inf batch, e.g. an AMP overflow): the buffers keep
-        their last finite values and :attr:`nonfinite_skips` counts the skip.
-        Both are decided on the device (``torch.where``: no host
-        synchronization)."""
-        ce = self.ce
-        updates = (
+                        has_data: Tensor, mean_y: Tensor,
+                        whitening: Optional[Tensor],
+                        aii_scale: Optional[Tensor]) -> None:
+        """Momentum update of the BN and block buffers (see
+        :meth:`CELayer._commit_running`)."""
+        updates = [
             (self.running_mean, mean),
             (self.running_var, var * (count / (count - 1))),  # unbiased
-            (ce.running_mean, mean_y.unsqueeze(-1)),
-            (ce.running_whitening, whitening),
-            (ce.aii.running_scale, aii_scale.reshape(1)),
-        )
-        with torch.no_grad():
-            finite = torch.stack([torch.isfinite(value).all()
-                                  for _, value in updates]).all()
-            accept = has_data & finite
-            self.nonfinite_skips.add_((has_data & ~finite).to(self.nonfinite_skips.dtype))
-            self.num_batches_tracked.add_(accept.to(self.num_batches_tracked.dtype))
-            for buffer, value in updates:
-                # lerp(b, b, w) == b exactly: a rejected update changes nothing
-                value = torch.where(accept, value.to(buffer.dtype), buffer)
-                buffer.lerp_(value, self.momentum)
-        if self._should_read_skips(mean):
-            self._report_nonfinite_skips()
-
-    def _should_read_skips(self, like: Tensor) -> bool:
-        """Whether to read :attr:`nonfinite_skips` now: every update eagerly on
-        the CPU, every :attr:`NONFINITE_CHECK_EVERY` updates on other devices
-        (one host synchronization per that many), never when traced or
-        compiled."""
-        if not _is_eager():
-            return False
-        if like.device.type == 'cpu':
-            return True
-        self._updates_unread += 1
-        if self._updates_unread < self.NONFINITE_CHECK_EVERY:
-            return False
-        self._updates_unread = 0
-        return True
-
-    def _report_nonfinite_skips(self) -> None:
-        """Log the 1st, (N+1)-th, (2N+1)-th, ... skipped update (``N =``
-        :attr:`NONFINITE_LOG_EVERY`)."""
-        skips, seen = int(self.nonfinite_skips), self._nonfinite_seen
-        self._nonfinite_seen = skips
-        every = self.NONFINITE_LOG_EVERY
-        if (skips - 1) // every <= (seen - 1) // every:
-            return
-        print_log(
-            f'{type(self).__name__}({self.num_features}): a training batch gave '
-            f'non-finite statistics (NaN/Inf input, e.g. an AMP overflow); its '
-            f'running statistics keep their last finite values ({skips} '
-            f'batch(es) skipped so far in this layer; logged once per {every}).',
-            logger='current', level=logging.WARNING)
+        ] + self._block_updates(mean_y, whitening, aii_scale)
+        self._commit_running(updates, has_data, mean)
 
     def _eval_maps(self, x_grouped: Tensor,
                    link: Optional[GradientLink] = None
@@ -585,7 +736,6 @@ class CE(nn.BatchNorm2d):
         """Eval maps for ``source = x - shift`` (``shift`` ``(N, G, d)``, or
         ``None`` for the input itself) from the sums of squared deviations
         ``(N, G, d)`` of each ``(image, channel)``."""
-        ce = self.ce
         dtype = source.dtype
         _, groups, size, positions = source.shape
         bn_scale = self._bn_scale(self.running_var.to(dtype))
@@ -601,27 +751,6 @@ class CE(nn.BatchNorm2d):
             bn_shift = torch.addcmul(beta, scale_g, shift - running_mean)
         # unbiased per-instance variance of y = a x, (N, C)
         instance_var_y = self._instance_variance(deviations, positions) * bn_scale.square()
-        return self._maps(ce.running_whitening.to(dtype),
-                          ce.aii.running_scale.to(dtype), instance_var_y,
-                          scale_g, bn_shift,
-                          ce.running_mean.to(dtype).squeeze(-1)) + (source, )
-
-    def _maps(self, whitening: Tensor, aii_scale: Tensor, instance_var_y: Tensor,
-              scale_g: Tensor, shift_n: Tensor,
-              mean_y: Tensor) -> Tuple[Tensor, Tensor]:
-        """Per-sample ``(matrix, bias)`` of the layer for ``y = a x + b_n``
-        (``scale_g`` ``(G, d)``, ``shift_n`` ``(N, G, d)``)."""
-        ce = self.ce
-        dtype = whitening.dtype
-        lam = torch.sigmoid(ce.lambda_logit.to(dtype))
-        gate = self._gate(instance_var_y)
-        instance_scale = (1 - lam) * gate / aii_scale  # (N, C)
-        center = mean_y if ce.whitening == 'paper' else None
-        return fold_channel_equilibrium(
-            lam, whitening, instance_scale.view(-1, ce.num_groups, ce.group_size),
-            scale_g, shift_n, center)
-
-    def _gate(self, instance_var_y: Tensor) -> Tensor:
-        """AII gate, evaluated in the gate's own dtype, returned in the input's."""
-        gate_dtype = self.ce.aii.gate[0].weight.dtype
-        return self.ce.aii(instance_var_y.to(gate_dtype)).to(instance_var_y.dtype)
+        whitening, aii_scale, mean_y = self._running_block(dtype)
+        return self._maps(whitening, aii_scale, instance_var_y, scale_g, bn_shift,
+                          mean_y) + (source, )

@@ -1,5 +1,8 @@
 """SyncCE: CE whose batch statistics are computed over all workers.
 
+(:class:`SyncGroupNormCE`, GN/IN/LN + CE, synchronizes its CE block the same
+way; its normalizer is per sample and needs nothing. See its docstring.)
+
 What is synchronized, and how it is weighted
 --------------------------------------------
 Every batch statistic of the layer is a sum over positions or instances, so
@@ -44,7 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .ce import CE
+from .ce import CE, CELayer
+from .group_norm_ce import GroupNormCE
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -66,7 +70,29 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-class SyncCE(CE):
+class _SyncStatistics:
+    """Mixin: the batch statistics of a CE layer summed over the workers of
+    ``process_group`` (one packed, differentiable ``all_reduce``); the layer
+    itself when torch.distributed is not initialized, the world size is 1, or
+    in eval mode."""
+
+    process_group: Optional[dist.ProcessGroup] = None
+
+    def _distributed(self) -> bool:
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def _check_batch(self, x_grouped: Tensor) -> None:
+        if not self._distributed():  # an empty local batch is fine when synced
+            super()._check_batch(x_grouped)
+
+    def _reduce(self, packed: Tensor) -> Tensor:
+        if not self._distributed():
+            return packed
+        return _AllReduceSum.apply(packed, self.process_group)
+
+
+class SyncCE(_SyncStatistics, CE):
     """SyncBN + CE with every batch statistic synchronized across workers.
 
     Deliberately not a subclass of :class:`torch.nn.SyncBatchNorm`, which
@@ -101,14 +127,6 @@ class SyncCE(CE):
                              'covariance would need a second collective)')
         self.process_group = process_group
 
-    def _distributed(self) -> bool:
-        return (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1)
-
-    def _check_batch(self, x_grouped: Tensor) -> None:
-        if not self._distributed():  # an empty local batch is fine when synced
-            super()._check_batch(x_grouped)
-
     def _common_shift(self, shift: Tensor) -> Tensor:
         if not self._distributed():
             return super()._common_shift(shift)
@@ -120,20 +138,17 @@ class SyncCE(CE):
         reference = local[:-1] / local[-1].clamp_min(1)
         return reference.view(groups, size)  # (G, d)
 
-    def _reduce(self, packed: Tensor) -> Tensor:
-        if not self._distributed():
-            return packed
-        return _AllReduceSum.apply(packed, self.process_group)
-
     @classmethod
     def convert_sync_ce(cls, module: nn.Module,
                         process_group: Optional[dist.ProcessGroup] = None
                         ) -> nn.Module:
-        """Recursively replace every :class:`CE` (not yet synced) by a SyncCE,
-        keeping its parameters, buffers and train/eval mode."""
-        if isinstance(module, CE) and not isinstance(module, SyncCE):
-            converted = cls.from_ce(module, process_group)
-            return converted
+        """Recursively replace every CE layer that is not yet synchronized by
+        its synchronized form (same parameters, buffers and train/eval mode):
+        :class:`CE` by SyncCE, :class:`GroupNormCE` by
+        :class:`SyncGroupNormCE`."""
+        synced = sync_form(module)
+        if synced is not None:
+            return synced.from_ce(module, process_group)
         for name, child in module.named_children():
             new_child = cls.convert_sync_ce(child, process_group)
             if new_child is not child:
@@ -141,17 +156,72 @@ class SyncCE(CE):
         return module
 
     @classmethod
-    def from_ce(cls, layer: CE,
-                process_group: Optional[dist.ProcessGroup] = None) -> 'SyncCE':
-        """A SyncCE holding the same tensors (shared, not copied) as ``layer``."""
-        if layer.pool_stats:
+    def from_ce(cls, layer: CELayer,
+                process_group: Optional[dist.ProcessGroup] = None) -> CELayer:
+        """The synchronized form of ``layer`` holding the same tensors
+        (shared, not copied)."""
+        if getattr(layer, 'pool_stats', False):
             raise ValueError('cannot convert a CE layer with pool_stats=True to '
                              'SyncCE')
-        synced = cls.__new__(cls)
-        # Shallow copies of the module's dicts: the tensors are shared.
-        synced.__dict__.update({
-            key: copy.copy(value) if isinstance(value, dict) else value
-            for key, value in layer.__dict__.items()
-        })
-        synced.process_group = process_group
-        return synced
+        return _share_tensors(cls, layer, process_group)
+
+
+class SyncGroupNormCE(_SyncStatistics, GroupNormCE):
+    """GN (or IN, or LN) + CE with the CE block's batch statistics synchronized
+    across workers.
+
+    The normalizer is per sample and needs no communication; the block's
+    sums (of ``y - beta``, a reference every worker shares) go in one packed
+    ``all_reduce`` per training forward (and one for its gradient), as in
+    :class:`SyncCE`::
+
+        [ sum_z (C) | sum_z z z^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
+
+    Falls back to :class:`GroupNormCE` when torch.distributed is not
+    initialized, the world size is 1, or in eval mode.
+
+    Args:
+        num_features: ``C`` of an input ``(N, C, H, W)``.
+        process_group: the group to synchronize over. Default: the world.
+        **kwargs: the options of :class:`GroupNormCE`.
+    """
+
+    def __init__(self, num_features: int, *args,
+                 process_group: Optional[dist.ProcessGroup] = None,
+                 **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    convert_sync_ce = SyncCE.convert_sync_ce
+
+    @classmethod
+    def from_ce(cls, layer: GroupNormCE,
+                process_group: Optional[dist.ProcessGroup] = None
+                ) -> 'SyncGroupNormCE':
+        """A SyncGroupNormCE holding the same tensors (shared) as ``layer``."""
+        return _share_tensors(cls, layer, process_group)
+
+
+def sync_form(layer: nn.Module) -> Optional[type]:
+    """The synchronized class of a CE layer that is not synchronized yet
+    (None for anything else)."""
+    if isinstance(layer, _SyncStatistics):
+        return None
+    if isinstance(layer, CE):
+        return SyncCE
+    if isinstance(layer, GroupNormCE):
+        return SyncGroupNormCE
+    return None
+
+
+def _share_tensors(cls: type, layer: nn.Module,
+                   process_group: Optional[dist.ProcessGroup]) -> nn.Module:
+    """An instance of ``cls`` whose module state is ``layer``'s (shallow
+    copies of the module's dicts: the tensors are shared)."""
+    synced = cls.__new__(cls)
+    synced.__dict__.update({
+        key: copy.copy(value) if isinstance(value, dict) else value
+        for key, value in layer.__dict__.items()
+    })
+    synced.process_group = process_group
+    return synced
