@@ -41,6 +41,25 @@ def test_floor_replaces_all_14_layers_and_differentiates_its_maps():
         assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
+def test_norm_gn_builds_every_kind_with_gn(monkeypatch):
+    """``--norm GN``: the plain ResNet has GN everywhere, CEResNet has GN + CE
+    (GroupNormCE) at the 14 CE positions, the floor replaces all 14."""
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from cenet_mmdet.models.layers import CELayer, GroupNormCE
+    bench = load_bench()
+    monkeypatch.setattr(bench, 'NORM', 'GN')
+    models = {kind: bench.build(kind, 50) for kind in ('BN', 'CE', 'floor')}
+    for model in models.values():
+        assert not any(isinstance(m, _BatchNorm) for m in model.modules())
+        assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert sum(isinstance(m, GroupNormCE) for m in models['CE'].modules()) == 14
+    assert not any(isinstance(m, CELayer) for m in models['BN'].modules())
+    assert not any(isinstance(m, CELayer) for m in models['floor'].modules())
+    assert sum(isinstance(m, bench.MapsOnly) for m in models['floor'].modules()) == 14
+    assert bench.label('CE') == 'CEResNet (GN+CE)' and bench.label('BN') == 'ResNet (GN)'
+
+
 def test_floor_map_gradient_is_g_x_transposed():
     bench = load_bench()
     layer = bench.MapsOnly(CE(32))

@@ -8,6 +8,11 @@
 * Its step runner, key-number parsers and summary, sourced and driven with
   stand-in commands and logs: PASS/FAIL/timeout, exit status, table.
 * The CUDA test modules carry the ``cuda`` marker and import without CUDA.
+* The steps that need mmcv's CUDA ops (bench_detector, synthetic_data,
+  train_amp) are listed as SKIP, with the reason, where mmcv has CPU ops only;
+  the compile steps run where their test file / ``--compile`` option exist;
+  an mmcv without compiled ops is refused; the summary names the GPU, the
+  torch / CUDA / cuDNN versions and mmcv's ops.
 """
 import importlib.util
 import os
@@ -23,8 +28,22 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SCRIPT = osp.join(REPO, 'tools', 'benchmarks', 'gpu_check.sh')
 PEAK = osp.join(REPO, 'tools', 'benchmarks', 'cuda_peak.py')
 VENV = osp.dirname(osp.dirname(sys.executable))
-STEPS = ['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones',
-         'bench_detector', 'synthetic_data', 'train_amp']
+ROI_STEPS = ['bench_detector', 'synthetic_data', 'train_amp']
+STEPS = ['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones'] + ROI_STEPS
+COMPILE_TEST = osp.join(REPO, 'tests', 'test_cuda', 'test_cuda_compile.py')
+BENCH = osp.join(REPO, 'tools', 'benchmarks', 'bench_backbones.py')
+
+
+def has_compile_option(path: str = BENCH) -> bool:
+    with open(path) as f:
+        text = f.read()
+    return "'--compile'" in text or '"--compile"' in text
+
+
+def expected_steps() -> List[str]:
+    """The steps of this checkout: the compile steps where their files exist."""
+    return (STEPS + ['cuda_compile'] * osp.exists(COMPILE_TEST)
+            + ['bench_compile'] * has_compile_option())
 
 
 def script_env(tmp_path, **extra: str) -> Dict[str, str]:
@@ -54,20 +73,29 @@ def test_refuses_without_environment(tmp_path):
     assert f'no Python environment at {tmp_path / "none"}' in proc.stderr
 
 
-def dry_run_commands(tmp_path, **extra: str) -> Dict[str, List[str]]:
-    proc = run_script(script_env(tmp_path, GPU_CHECK_DRY_RUN='1', **extra))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def parse_dry_run(stdout: str) -> Dict[str, List[str]]:
     commands = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith('[dry-run] '):
             head, command = line[len('[dry-run] '):].split(': ', 1)
             commands[head.split()[0]] = shlex.split(command)
     return commands
 
 
+def parse_skips(stdout: str) -> Dict[str, str]:
+    return dict(line[len('[dry-run-skip] '):].split(': ', 1)
+                for line in stdout.splitlines() if line.startswith('[dry-run-skip] '))
+
+
+def dry_run_commands(tmp_path, **extra: str) -> Dict[str, List[str]]:
+    proc = run_script(script_env(tmp_path, GPU_CHECK_DRY_RUN='1', **extra))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return parse_dry_run(proc.stdout)
+
+
 def test_dry_run_names_the_right_files(tmp_path):
     commands = dry_run_commands(tmp_path)
-    assert list(commands) == STEPS
+    assert list(commands) == expected_steps()
     python = osp.join(VENV, 'bin', 'python')
     for name, argv in commands.items():
         assert argv[0] == python, name
@@ -101,7 +129,7 @@ def test_dry_run_names_the_right_files(tmp_path):
 
 def test_dry_run_full_suite_option(tmp_path):
     commands = dry_run_commands(tmp_path, GPU_CHECK_FULL_SUITE='1')
-    assert list(commands) == STEPS + ['full_suite']
+    assert list(commands) == expected_steps() + ['full_suite']
     assert commands['full_suite'][-1] == 'tests'
 
 
@@ -183,7 +211,8 @@ def test_cuda_peak_runs_the_script_with_its_arguments(tmp_path):
 
 
 @pytest.mark.parametrize('name', ['test_cuda_ce.py', 'test_cuda_amp.py',
-                                  'test_cuda_sync_ce.py', 'test_cuda_nonfinite.py'])
+                                  'test_cuda_sync_ce.py', 'test_cuda_nonfinite.py']
+                         + ['test_cuda_compile.py'] * osp.exists(COMPILE_TEST))
 def test_cuda_test_modules_are_marked_and_import_without_cuda(name):
     path = osp.join(REPO, 'tests', 'test_cuda', name)
     sys.path.insert(0, osp.dirname(path))
@@ -204,3 +233,112 @@ def test_script_parses_and_is_bounded():
     assert 'set -uo pipefail' in text
     assert 'BUDGET_S="${GPU_CHECK_BUDGET_S:-600}"' in text
     assert '${CENET_VENV:-.venv}' in text
+
+
+def test_dry_run_without_mmcv_cuda_ops_skips_the_roi_steps(tmp_path):
+    """GPU_CHECK_MMCV_CUDA_OPS=0 (an mmcv with CPU ops only): the Mask R-CNN
+    steps are listed as SKIP with the caller's reason, the others still run."""
+    proc = run_script(script_env(tmp_path, GPU_CHECK_DRY_RUN='1',
+                                 GPU_CHECK_MMCV_CUDA_OPS='0',
+                                 GPU_CHECK_NO_CUDA_OPS_REASON='no time to build'))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands, skips = parse_dry_run(proc.stdout), parse_skips(proc.stdout)
+    assert list(commands) == [s for s in expected_steps() if s not in ROI_STEPS]
+    for name in ROI_STEPS:
+        assert skips[name] == "needs mmcv's CUDA ops (RoI heads): no time to build"
+
+
+def fake_repo(tmp_path, compile_test: bool, compile_option: bool) -> str:
+    """A repository root with (or without) the compile test and option."""
+    root = tmp_path / 'repo'
+    (root / 'tests' / 'test_cuda').mkdir(parents=True)
+    (root / 'tools' / 'benchmarks').mkdir(parents=True)
+    if compile_test:
+        (root / 'tests' / 'test_cuda' / 'test_cuda_compile.py').write_text('')
+    option = ("    parser.add_argument(\n        '--compile', action='store_true')\n"
+              if compile_option else "    parser.add_argument('--compiled-kinds')\n")
+    (root / 'tools' / 'benchmarks' / 'bench_backbones.py').write_text(option)
+    return str(root)
+
+
+@pytest.mark.parametrize('present', [True, False])
+def test_compile_steps_run_only_where_their_files_exist(tmp_path, present):
+    root = fake_repo(tmp_path, present, present)
+    proc = source_and_run(tmp_path, f'ROOT={shlex.quote(root)}\nDRY_RUN=1\nrun_all')
+    commands, skips = parse_dry_run(proc.stdout), parse_skips(proc.stdout)
+    if present:
+        assert commands['cuda_compile'][-3:] == [
+            'cuda', '-rs', 'tests/test_cuda/test_cuda_compile.py']
+        bench = commands['bench_compile']
+        assert bench[1:3] == ['tools/benchmarks/cuda_peak.py',
+                              'tools/benchmarks/bench_backbones.py']
+        assert '--compile' in bench
+        assert bench[bench.index('--device') + 1] == 'cuda'
+        assert not {'cuda_compile', 'bench_compile'} & set(skips)
+    else:
+        assert not {'cuda_compile', 'bench_compile'} & set(commands)
+        assert skips['cuda_compile'] == 'no tests/test_cuda/test_cuda_compile.py'
+        assert skips['bench_compile'] == 'bench_backbones.py has no --compile option'
+    assert list(commands)[:4] == STEPS[:4]  # the other steps are unchanged
+
+
+def test_skipped_steps_are_listed_but_do_not_fail(tmp_path):
+    proc = source_and_run(tmp_path, 'run_step a 30 . true\n'
+                                    'skip_step b "needs X"\n'
+                                    'summary; echo "summary=$?"')
+    assert '| a | PASS |' in proc.stdout
+    assert '| b | SKIP (needs X) | - |' in proc.stdout
+    assert proc.stdout.rstrip().endswith('summary=0')
+    proc = source_and_run(tmp_path, 'run_step a 30 . false\nskip_step b "needs X"\n'
+                                    'summary; echo "summary=$?"')
+    assert proc.stdout.rstrip().endswith('summary=1')
+
+
+def fake_python(tmp_path, body: str) -> str:
+    path = tmp_path / 'fake_python'
+    path.write_text(f'#!/usr/bin/env bash\n{body}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize('setting,answer,cuda_ops,why', [
+    ('auto', '2.1.0 12.4', '1', ''),
+    ('auto', '2.1.0 not available', '0', 'mmcv was built without CUDA ops (given)'),
+    ('0', '2.1.0 12.4', '0', 'given'),
+    ('1', '2.1.0 not available', '1', ''),
+])
+def test_mmcv_ops_probe_decides_the_roi_steps(tmp_path, setting, answer, cuda_ops, why):
+    python = fake_python(tmp_path, f'echo "a warning" >&2; echo "{answer}"')
+    proc = source_and_run(tmp_path, f'PY={python}\nMMCV_CUDA_OPS={setting}\n'
+                                    'NO_CUDA_OPS_REASON=given\ncheck_mmcv_ops\n'
+                                    'echo "ops=$CUDA_OPS why=$NO_CUDA_OPS_WHY line=$MMCV_LINE"')
+    assert proc.returncode == 0, proc.stderr
+    version, compiled = answer.split(' ', 1)
+    assert proc.stdout.strip() == (f'ops={cuda_ops} why={why} line=mmcv {version}, '
+                                   f'ops compiled with CUDA: {compiled}')
+
+
+def test_mmcv_without_compiled_ops_is_refused(tmp_path):
+    python = fake_python(tmp_path, 'echo "ImportError: _ext" >&2; exit 1')
+    proc = source_and_run(tmp_path, f'PY={python}\ncheck_mmcv_ops\necho reached')
+    assert proc.returncode == 2
+    assert 'reached' not in proc.stdout
+    assert 'mmcv has no compiled ops' in proc.stderr
+    assert 'nothing of the plugin imports' in proc.stderr
+
+
+def test_summary_header_names_the_machine_and_versions(tmp_path):
+    """Without CUDA (CUDA_VISIBLE_DEVICES=''), the header still names torch,
+    its CUDA, cuDNN and the driver; with a GPU the same code names each GPU's
+    name, count, memory and capability (torch.cuda)."""
+    import torch
+    proc = source_and_run(tmp_path, 'MMCV_LINE="mmcv 2.1.0, ops compiled with CUDA: 12.4"\n'
+                                    f'PY={shlex.quote(sys.executable)}\n'
+                                    'run_step a 30 . true\nsummary')
+    header = next(line for line in proc.stdout.splitlines()
+                  if line.startswith('GPU check, '))
+    assert f'torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN ' in header
+    assert 'driver ' in header
+    assert 'no CUDA device;' in header
+    assert 'mmcv 2.1.0, ops compiled with CUDA: 12.4' in proc.stdout
+    assert (tmp_path / 'out' / 'summary.md').read_text().splitlines()[0] == header

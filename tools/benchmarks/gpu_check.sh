@@ -6,7 +6,9 @@
 # Steps, each under `timeout`, all within GPU_CHECK_BUDGET_S (default 600 s):
 #   cuda_layers     pytest -m cuda tests/test_cuda/test_cuda_ce.py: CE (d=64, 16,
 #                   pool_stats), SyncCE at world size 1, CE-ResNet-50 narrow on
-#                   CUDA against float64 CPU references; mean/std 1e3; TF32;
+#                   CUDA against float64 CPU references (float32 on the device
+#                   within float32 round-off, float64 on the device within
+#                   1e-10 / 1e-9); mean/std 1e3; TF32;
 #                   test_cuda_nonfinite.py: a NaN batch skipped with no host sync
 #   cuda_amp        pytest -m cuda tests/test_cuda/test_cuda_amp.py: autocast
 #                   fp16/bf16 against float32
@@ -20,15 +22,30 @@
 #   train_amp       tools/train.py <SyncCE Mask R-CNN smoke config> --amp,
 #                   20 iterations + validation, one process; the loss at
 #                   iteration 20 must be finite
-# then prints one markdown summary table (step, result, seconds, key numbers),
-# also written to $OUT_DIR/summary.md with every step's log beside it.
+#   cuda_compile    pytest -m cuda tests/test_cuda/test_cuda_compile.py
+#                   (torch.compile on CUDA), where that file exists
+#   bench_compile   bench_backbones.py --device cuda --compile (R-50), where
+#                   bench_backbones.py has the --compile option
+# then prints one markdown summary table (step, result, seconds, key numbers)
+# under a header with the GPU (name, count, memory, capability, driver), torch,
+# CUDA and cuDNN versions and mmcv's ops, also written to $OUT_DIR/summary.md
+# with every step's log beside it.
+#
+# mmcv's CUDA ops (RoIAlign, NMS on the GPU) are needed by bench_detector,
+# synthetic_data and train_amp (Mask R-CNN's RoI heads). Where mmcv was built
+# with CPU ops only (mmcv.ops.get_compiling_cuda_version() is 'not available'),
+# or GPU_CHECK_MMCV_CUDA_OPS=0, those steps are listed as SKIP with the reason
+# (GPU_CHECK_NO_CUDA_OPS_REASON adds the caller's), and the others still run.
 #
 # Environment: CENET_VENV (default .venv), OUT_DIR (default work_dirs/gpu_check),
 # GPU_CHECK_BUDGET_S (600), GPU_CHECK_DRY_RUN=1 (print the commands, run
 # nothing, no GPU needed), GPU_CHECK_FULL_SUITE=1 (afterwards also the whole
-# test suite, beyond the budget, timeout GPU_CHECK_SUITE_TIMEOUT_S=1800).
-# Exit status: 0 all steps passed; 1 a step failed or ran out of time; 2 no
-# CUDA device (or no Python environment): nothing was run.
+# test suite, beyond the budget, timeout GPU_CHECK_SUITE_TIMEOUT_S=1800),
+# GPU_CHECK_MMCV_CUDA_OPS (auto: ask mmcv; 0: skip the steps that need them;
+# 1: run them).
+# Exit status: 0 every step that ran passed (SKIP steps are listed, not failed);
+# 1 a step failed or ran out of time; 2 no CUDA device, no Python environment or
+# an mmcv without compiled ops (nothing of the plugin imports): nothing was run.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -41,6 +58,9 @@ BUDGET_S="${GPU_CHECK_BUDGET_S:-600}"
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
 FULL_SUITE="${GPU_CHECK_FULL_SUITE:-0}"
 SUITE_TIMEOUT_S="${GPU_CHECK_SUITE_TIMEOUT_S:-1800}"
+MMCV_CUDA_OPS="${GPU_CHECK_MMCV_CUDA_OPS:-auto}"
+NO_CUDA_OPS_REASON="${GPU_CHECK_NO_CUDA_OPS_REASON:-}"
+COMPILE_TEST="tests/test_cuda/test_cuda_compile.py"
 DATA_DIR="$OUT_DIR/data_root"
 TRAIN_DIR="$OUT_DIR/train_amp"
 SMOKE_CONFIG="$ROOT/configs/cenet/smoke/mask-rcnn_syncce-r50_fpn_shapes-smoke.py"
@@ -66,7 +86,33 @@ check_environment() {
   if [ "${probe%% *}" != "1" ]; then
     refuse "no CUDA device: torch.cuda.is_available() is False (torch ${probe#* }). This check needs a machine with a GPU; nothing was run. (GPU_CHECK_DRY_RUN=1 prints the commands.)"
   fi
+  check_mmcv_ops
 }
+
+# mmcv's compiled ops: without them nothing of the plugin imports (mmdet.models
+# imports mmcv.ops); without their CUDA part the RoI heads cannot run on the GPU.
+check_mmcv_ops() {
+  local probe
+  probe="$("$PY" -c 'import mmcv; from mmcv.ops import get_compiling_cuda_version as v; print(mmcv.__version__, v())' 2>/dev/null | tail -n 1)"
+  [ -n "$probe" ] || refuse "mmcv has no compiled ops in $VENV ('from mmcv.ops import get_compiling_cuda_version' fails): nothing of the plugin imports. Build mmcv with its ops (bash tools/setup_env.sh, or tools/gpu/run_offline_check.sh in an offline kit); nothing was run."
+  MMCV_LINE="mmcv ${probe%% *}, ops compiled with CUDA: ${probe#* }"
+  set_cuda_ops "${probe#* }"
+}
+
+set_cuda_ops() {  # compiling-CUDA version reported by mmcv ("not available": CPU ops only)
+  CUDA_OPS=1
+  case "$MMCV_CUDA_OPS" in
+    0) CUDA_OPS=0; NO_CUDA_OPS_WHY="${NO_CUDA_OPS_REASON:-GPU_CHECK_MMCV_CUDA_OPS=0}" ;;
+    1) ;;
+    *) if [ "$1" = "not available" ]; then
+         CUDA_OPS=0
+         NO_CUDA_OPS_WHY="mmcv was built without CUDA ops${NO_CUDA_OPS_REASON:+ ($NO_CUDA_OPS_REASON)}"
+       fi ;;
+  esac
+}
+CUDA_OPS=1
+NO_CUDA_OPS_WHY=""
+MMCV_LINE=""
 
 remaining_s() { echo $(( BUDGET_S - ($(date +%s) - START_S) )); }
 
@@ -111,6 +157,16 @@ fail_step() {  # name reason: a step that ran but whose output is wrong
   RESULT[$1]="FAIL ($2)"
 }
 
+skip_step() {  # name reason: a step not run, listed with why (not a failure)
+  STEPS+=("$1")
+  RESULT[$1]="SKIP ($2)"; SECONDS_TAKEN[$1]="-"; KEYS[$1]=""
+  if [ "$DRY_RUN" = "1" ]; then
+    echo "[dry-run-skip] $1: $2"
+  else
+    say "$1: skipped ($2)"
+  fi
+}
+
 pytest_keys() {  # name: the pytest summary line of its log
   local line
   line="$(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT_DIR/$1.log" 2>/dev/null | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//')"
@@ -148,6 +204,10 @@ backbone_flags() {  # the released-transcription row is slow and optional
   fi
 }
 
+has_compile_flag() {  # bench_backbones.py declares a --compile option
+  grep -qE -- "['\"]--compile['\"]" "$ROOT/tools/benchmarks/bench_backbones.py" 2>/dev/null
+}
+
 run_all() {
   local pytest=("$PY" -m pytest -q -p no:cacheprovider -m cuda -rs)
   run_step cuda_layers 200 "$ROOT" "${pytest[@]}" tests/test_cuda/test_cuda_ce.py tests/test_cuda/test_cuda_nonfinite.py
@@ -161,16 +221,38 @@ run_all() {
     tools/benchmarks/bench_backbones.py --device cuda --depths 50 --warmup 1 \
     --repeat 3 $(backbone_flags)
   [ "$DRY_RUN" = "1" ] || peak_keys bench_backbones
-  run_step bench_detector 180 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
-    tools/benchmarks/bench_detector.py --device cuda --warmup 1 --repeat 3
-  [ "$DRY_RUN" = "1" ] || peak_keys bench_detector
-  run_step synthetic_data 60 "$ROOT" "$PY" tools/misc/make_synthetic_coco.py \
-    "$DATA_DIR/data/synthetic_shapes" --train 16 --val 4 --size 128 --seed 0
-  # the smoke config's data_root is relative: run from the data folder
-  run_step train_amp 240 "$DATA_DIR" "$PY" "$ROOT/tools/train.py" "$SMOKE_CONFIG" \
-    --amp --work-dir "$TRAIN_DIR" --cfg-options "train_cfg.max_iters=$TRAIN_ITERS" \
-    "train_cfg.val_interval=$TRAIN_ITERS" "default_hooks.checkpoint.interval=$TRAIN_ITERS"
-  [ "$DRY_RUN" = "1" ] || train_keys train_amp
+  if [ "$CUDA_OPS" = "1" ]; then
+    run_step bench_detector 180 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
+      tools/benchmarks/bench_detector.py --device cuda --warmup 1 --repeat 3
+    [ "$DRY_RUN" = "1" ] || peak_keys bench_detector
+    run_step synthetic_data 60 "$ROOT" "$PY" tools/misc/make_synthetic_coco.py \
+      "$DATA_DIR/data/synthetic_shapes" --train 16 --val 4 --size 128 --seed 0
+    # the smoke config's data_root is relative: run from the data folder
+    run_step train_amp 240 "$DATA_DIR" "$PY" "$ROOT/tools/train.py" "$SMOKE_CONFIG" \
+      --amp --work-dir "$TRAIN_DIR" --cfg-options "train_cfg.max_iters=$TRAIN_ITERS" \
+      "train_cfg.val_interval=$TRAIN_ITERS" "default_hooks.checkpoint.interval=$TRAIN_ITERS"
+    [ "$DRY_RUN" = "1" ] || train_keys train_amp
+  else
+    local why="needs mmcv's CUDA ops (RoI heads): $NO_CUDA_OPS_WHY"
+    skip_step bench_detector "$why"
+    skip_step synthetic_data "$why"
+    skip_step train_amp "$why"
+  fi
+  if [ -f "$ROOT/$COMPILE_TEST" ]; then
+    run_step cuda_compile 180 "$ROOT" "${pytest[@]}" "$COMPILE_TEST"
+    [ "$DRY_RUN" = "1" ] || pytest_keys cuda_compile
+  else
+    skip_step cuda_compile "no $COMPILE_TEST"
+  fi
+  if has_compile_flag; then
+    # shellcheck disable=SC2046
+    run_step bench_compile 240 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
+      tools/benchmarks/bench_backbones.py --device cuda --depths 50 --warmup 1 \
+      --repeat 3 --compile $(backbone_flags)
+    [ "$DRY_RUN" = "1" ] || peak_keys bench_compile
+  else
+    skip_step bench_compile "bench_backbones.py has no --compile option"
+  fi
   if [ "$FULL_SUITE" = "1" ]; then
     BUDGET_S=$(( $(date +%s) - START_S + SUITE_TIMEOUT_S ))
     run_step full_suite "$SUITE_TIMEOUT_S" "$ROOT" "$PY" -m pytest -q -p no:cacheprovider tests
@@ -178,14 +260,33 @@ run_all() {
   fi
 }
 
-machine_line() {
-  "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}; torch {torch.__version__}, CUDA {torch.version.cuda}")' 2>&1 | tail -n 1
+machine_line() {  # the GPU(s), driver, torch, CUDA and cuDNN versions
+  local driver
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
+  GPU_CHECK_DRIVER="${driver:-unknown}" "$PY" - <<'PYEOF' 2>&1 | tail -n 1
+import os
+import torch
+cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+versions = (f'torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn}, '
+            f'driver {os.environ["GPU_CHECK_DRIVER"]}')
+if torch.cuda.is_available():
+    names = {}
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        key = f'{p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}'
+        names[key] = names.get(key, 0) + 1
+    gpus = '; '.join(f'{n} x {k}' for k, n in names.items())
+    print(f'{gpus}; {versions}')
+else:
+    print(f'no CUDA device; {versions}')
+PYEOF
 }
 
 summary() {  # print and save the table; status 1 if any step did not pass
   local failed=0 name
   {
     echo "GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'): $(machine_line); total $(( $(date +%s) - START_S )) s"
+    if [ -n "$MMCV_LINE" ]; then echo; echo "$MMCV_LINE"; fi
     echo
     echo "| step | result | seconds | key numbers |"
     echo "|---|---|---|---|"
@@ -194,7 +295,7 @@ summary() {  # print and save the table; status 1 if any step did not pass
     done
   } | tee "$OUT_DIR/summary.md"
   for name in "${STEPS[@]}"; do  # not in the pipeline above: a subshell
-    [ "${RESULT[$name]}" = "PASS" ] || failed=1
+    case "${RESULT[$name]}" in PASS|SKIP*) ;; *) failed=1 ;; esac
   done
   return "$failed"
 }
@@ -202,6 +303,8 @@ summary() {  # print and save the table; status 1 if any step did not pass
 main() {
   if [ "$DRY_RUN" = "1" ]; then
     say "dry run: the commands, nothing is run (python: $PY, logs: $OUT_DIR)"
+    # mmcv is not asked in a dry run: GPU_CHECK_MMCV_CUDA_OPS=0 shows the skips
+    set_cuda_ops "dry run"
     run_all
     exit 0
   fi
@@ -212,7 +315,11 @@ main() {
   run_all
   echo
   if summary; then
-    say "all steps passed"
+    if printf '%s\n' "${RESULT[@]}" | grep -q '^SKIP'; then
+      say "every step that ran passed; the SKIP steps were not run (reasons in the table)"
+    else
+      say "all steps passed"
+    fi
     exit 0
   fi
   say "some steps FAILED: see the logs in $OUT_DIR"
