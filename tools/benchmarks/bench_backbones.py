@@ -362,8 +362,8 @@ def main() -> None:
             if args.compile else '')
     print(f'Backbone benchmark, {NORM}, {what}batch {args.batch}, {args.size}x{args.size}, '
           f'{args.repeat} interleaved repeats; {machine_line(args.device)}\n')
-    header = ['depth', 'backbone', 'eval ms', 'eval img/s', 'eval / BN (min-max)',
-              'train ms', 'train img/s', 'train / BN (min-max)']
+    header = ['depth', 'backbone', 'eval ms', 'eval img/s', f'eval / {NORM} (min-max)',
+              'train ms', 'train img/s', f'train / {NORM} (min-max)']
     if args.compile:
         print(markdown_table(header + ['compile s (eval / train)',
                                        'graphs (eval / train)'], rows))
