@@ -159,11 +159,16 @@ def test_deepcopy_and_whole_model_pickling(backbone):
 
 
 def test_torch_compile_of_an_eval_model(backbone):
+    """Inductor's generated code (the other compile tests use ``aot_eager``)
+    on the stem and stage 1 of the trained backbone (4 CE layers: the whole
+    backbone takes about a minute of C++ compilation on 2 cores)."""
     model = copy.deepcopy(backbone).eval()
-    compiled = torch.compile(model)
+    stem_and_stage1 = nn.Sequential(model.conv1, model.bn1, model.relu,
+                                    model.maxpool, model.layer1)
+    assert count(stem_and_stage1) == 4
+    compiled = torch.compile(stem_and_stage1)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = model(x)[-1]
-        actual = compiled(x)[-1]
+        expected = stem_and_stage1(x)
+        actual = compiled(x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-    assert count(model) == NUM_CE
