@@ -43,6 +43,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import pytest
 import torch
 import torch.distributed as dist
+from mmengine.hooks import Hook
 from torch import Tensor, nn
 
 import cenet_mmdet  # noqa: F401  (registers CEResNet, CE, SyncCE)
@@ -507,20 +508,22 @@ CLASSIFIER = dict(
     head=dict(type='LinearClsHead', num_classes=3, in_channels=32))
 
 
+class RecordLosses(Hook):
+    """Records the loss of every training iteration."""
+
+    def __init__(self) -> None:
+        self.losses: List[float] = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None) -> None:
+        self.losses.append(float(outputs['loss']))
+
+
 def run_runner(work_dir: str, compile_cfg, iters: int = 3) -> dict:
     """Train the small classifier ``iters`` iterations with an MMEngine
     ``Runner`` (batch 4, SGD with momentum); its losses and final weights."""
     from mmengine.dataset import pseudo_collate
-    from mmengine.hooks import Hook
     from mmengine.runner import Runner
-
-    class RecordLosses(Hook):
-        def __init__(self) -> None:
-            self.losses: List[float] = []
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None) -> None:
-            self.losses.append(float(outputs['loss']))
 
     recorder = RecordLosses()
     loader = torch.utils.data.DataLoader(_Images(), batch_size=4, shuffle=False,
@@ -623,15 +626,6 @@ def detector_scenario(root: str) -> dict:
     iteration. Then the eager model's backbone compiled in eval against the
     eager backbone on a validation batch: the features and the detections'
     scores."""
-    from mmengine.hooks import Hook
-
-    class RecordLosses(Hook):
-        def __init__(self) -> None:
-            self.losses: List[float] = []
-
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None) -> None:
-            self.losses.append(float(outputs['loss']))
 
     data_root = make_shapes(root)
     result, runners = {}, {}

@@ -358,6 +358,34 @@ class CELayer:
         """Combine the packed batch statistics across workers (identity here)."""
         return packed
 
+    def _reduce_batch_sums(self, first: Tensor, second: Tensor, instance_var: Tensor,
+                           num_samples: int, positions: int, min_count: int = 1
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The batch sums of a training step, over the workers with one
+        :meth:`_reduce` when synchronized.
+
+        Packs ``[first (C) | second (G*d*d) | instance_var (C) | N*L | N]``
+        from this worker's sums over its ``num_samples`` images: ``first``
+        ``(G, d)`` or ``(C,)``, ``second`` ``(G, d, d)``, ``instance_var``
+        ``(C,)``. Returns ``(first (C,), second (G, d, d), instance_var (C,),
+        has_data, count, num_instances)``, the counts clamped to ``min_count``
+        and 1: an all-empty synchronized batch has no statistics (``has_data``
+        False) and divides by no 0.
+        """
+        groups, size, _ = second.shape
+        channels = groups * size
+        packed = torch.cat([
+            first.flatten(),
+            second.flatten(),
+            instance_var,
+            second.new_tensor([num_samples * positions, num_samples]),
+        ])
+        packed = self._reduce(packed)
+        total_first, total_second, total_var, counts = torch.split(
+            packed, [channels, channels * size, channels, 2])
+        return (total_first, total_second.view(groups, size, size), total_var,
+                counts[0] > 0, counts[0].clamp_min(min_count), counts[1].clamp_min(1))
+
     def _use_batch_stats(self) -> bool:
         return self.training
 
@@ -624,25 +652,15 @@ class CE(CELayer, nn.BatchNorm2d):
         reference = self._common_shift(shift)  # (G, d)
         offset = shift - reference  # (N, G, d)
         ref_sums, ref_gram = shifted_moments(sums, gram, offset, positions)
-        # Pack every batch statistic for one reduction:
-        # [sum (x-t) (C) | sum (x-t)(x-t)^T (G*d*d) | sum_n var_nc (C) | N*L | N]
-        packed = torch.cat([
-            ref_sums.sum(0).flatten(),
-            ref_gram.sum(0).flatten(),
-            instance_var.sum(0),
-            x_shifted.new_tensor([n * positions, n]),
-        ])
-        packed = self._reduce(packed)
-        total_sum, total_gram, total_var, counts = torch.split(
-            packed, [channels, channels * size, channels, 2])
-        # An all-empty synchronized batch has no statistics: the counts are
-        # clamped (no division by 0) and the running buffers are not updated.
-        has_data = counts[0] > 0
-        count, num_instances = counts[0].clamp_min(2), counts[1].clamp_min(1)
+        # sum (x-t) (C), sum (x-t)(x-t)^T (G, d, d), sum_n var_nc (C); without
+        # data the running buffers are not updated
+        total_sum, total_gram, total_var, has_data, count, num_instances = (
+            self._reduce_batch_sums(ref_sums.sum(0), ref_gram.sum(0),
+                                    instance_var.sum(0), n, positions, min_count=2))
 
         # BN statistics; the mean relative to t first (small, accurate).
         mean_rel = total_sum / count  # (C,)
-        second = total_gram.view(groups, size, size) / count  # (G, d, d)
+        second = total_gram / count  # (G, d, d)
         var = (second.diagonal(dim1=-2, dim2=-1).flatten() - mean_rel.square()).clamp_min(0)
         mean = mean_rel + reference.flatten()
         bn_scale = self._bn_scale(var)

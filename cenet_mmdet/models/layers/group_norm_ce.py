@@ -203,23 +203,13 @@ class GroupNormCE(CELayer, nn.GroupNorm):
         scatter = gram - sums.unsqueeze(-1) * (sums / positions).unsqueeze(-2)
         scatter_z = (scatter * scale.unsqueeze(-1) * scale.unsqueeze(-2)
                      + positions * mean_z.unsqueeze(-1) * mean_z.unsqueeze(-2))
-        # Pack every batch statistic for one reduction:
-        # [sum z (C) | sum z z^T (G*d*d) | sum_n var_nc (C) | N*L | N]
-        packed = torch.cat([
-            positions * mean_z.sum(0).flatten(),
-            scatter_z.sum(0).flatten(),
-            instance_var_y.sum(0),
-            sums.new_tensor([n * positions, n]),
-        ])
-        packed = self._reduce(packed)
-        total_sum, total_scatter, total_var, counts = torch.split(
-            packed, [channels, channels * size, channels, 2])
-        # An all-empty synchronized batch has no statistics: the counts are
-        # clamped (no division by 0) and the running buffers are not updated.
-        has_data = counts[0] > 0
-        count, num_instances = counts[0].clamp_min(1), counts[1].clamp_min(1)
+        # sum z (C), sum z z^T (G, d, d), sum_n var_nc (C); without data the
+        # running buffers are not updated
+        total_sum, total_scatter, total_var, has_data, count, num_instances = (
+            self._reduce_batch_sums(positions * mean_z.sum(0), scatter_z.sum(0),
+                                    instance_var_y.sum(0), n, positions))
         mean_zb = (total_sum / count).view(groups, size)
-        cov_y = (total_scatter.view(groups, size, size) / count
+        cov_y = (total_scatter / count
                  - mean_zb.unsqueeze(-1) * mean_zb.unsqueeze(-2))
         mean_y = mean_zb + self._beta(mean_zb).view(groups, size)
         whitening, aii_scale = self._block_statistics(

@@ -91,6 +91,40 @@ class _SyncStatistics:
             return packed
         return _AllReduceSum.apply(packed, self.process_group)
 
+    @classmethod
+    def convert_sync_ce(cls, module: nn.Module,
+                        process_group: Optional[dist.ProcessGroup] = None
+                        ) -> nn.Module:
+        """Recursively replace every CE layer that is not yet synchronized by
+        its synchronized form (same parameters, buffers and train/eval mode):
+        :class:`CE` by SyncCE, :class:`GroupNormCE` by
+        :class:`SyncGroupNormCE`."""
+        synced = sync_form(module)
+        if synced is not None:
+            return synced.from_ce(module, process_group)
+        for name, child in module.named_children():
+            new_child = cls.convert_sync_ce(child, process_group)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
+
+    @classmethod
+    def from_ce(cls, layer: CELayer,
+                process_group: Optional[dist.ProcessGroup] = None) -> CELayer:
+        """The synchronized form of ``layer`` holding the same tensors
+        (shared, not copied)."""
+        if getattr(layer, 'pool_stats', False):
+            raise ValueError('cannot convert a CE layer with pool_stats=True to '
+                             'SyncCE')
+        synced = cls.__new__(cls)
+        # shallow copies of the module's dicts: the tensors are shared
+        synced.__dict__.update({
+            key: copy.copy(value) if isinstance(value, dict) else value
+            for key, value in layer.__dict__.items()
+        })
+        synced.process_group = process_group
+        return synced
+
 
 class SyncCE(_SyncStatistics, CE):
     """SyncBN + CE with every batch statistic synchronized across workers.
@@ -138,33 +172,6 @@ class SyncCE(_SyncStatistics, CE):
         reference = local[:-1] / local[-1].clamp_min(1)
         return reference.view(groups, size)  # (G, d)
 
-    @classmethod
-    def convert_sync_ce(cls, module: nn.Module,
-                        process_group: Optional[dist.ProcessGroup] = None
-                        ) -> nn.Module:
-        """Recursively replace every CE layer that is not yet synchronized by
-        its synchronized form (same parameters, buffers and train/eval mode):
-        :class:`CE` by SyncCE, :class:`GroupNormCE` by
-        :class:`SyncGroupNormCE`."""
-        synced = sync_form(module)
-        if synced is not None:
-            return synced.from_ce(module, process_group)
-        for name, child in module.named_children():
-            new_child = cls.convert_sync_ce(child, process_group)
-            if new_child is not child:
-                setattr(module, name, new_child)
-        return module
-
-    @classmethod
-    def from_ce(cls, layer: CELayer,
-                process_group: Optional[dist.ProcessGroup] = None) -> CELayer:
-        """The synchronized form of ``layer`` holding the same tensors
-        (shared, not copied)."""
-        if getattr(layer, 'pool_stats', False):
-            raise ValueError('cannot convert a CE layer with pool_stats=True to '
-                             'SyncCE')
-        return _share_tensors(cls, layer, process_group)
-
 
 class SyncGroupNormCE(_SyncStatistics, GroupNormCE):
     """GN (or IN, or LN) + CE with the CE block's batch statistics synchronized
@@ -192,15 +199,6 @@ class SyncGroupNormCE(_SyncStatistics, GroupNormCE):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
 
-    convert_sync_ce = SyncCE.convert_sync_ce
-
-    @classmethod
-    def from_ce(cls, layer: GroupNormCE,
-                process_group: Optional[dist.ProcessGroup] = None
-                ) -> 'SyncGroupNormCE':
-        """A SyncGroupNormCE holding the same tensors (shared) as ``layer``."""
-        return _share_tensors(cls, layer, process_group)
-
 
 def sync_form(layer: nn.Module) -> Optional[type]:
     """The synchronized class of a CE layer that is not synchronized yet
@@ -213,15 +211,3 @@ def sync_form(layer: nn.Module) -> Optional[type]:
         return SyncGroupNormCE
     return None
 
-
-def _share_tensors(cls: type, layer: nn.Module,
-                   process_group: Optional[dist.ProcessGroup]) -> nn.Module:
-    """An instance of ``cls`` whose module state is ``layer``'s (shallow
-    copies of the module's dicts: the tensors are shared)."""
-    synced = cls.__new__(cls)
-    synced.__dict__.update({
-        key: copy.copy(value) if isinstance(value, dict) else value
-        for key, value in layer.__dict__.items()
-    })
-    synced.process_group = process_group
-    return synced
