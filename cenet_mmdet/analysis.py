@@ -6,7 +6,7 @@ collapse and ablation measurements (Fig. 1, 3a/b, 3d and 4) on any MMDetection
 config + checkpoint whose backbone is mmdet's ``ResNet`` or a subclass
 (``CEResNet``), with BN, frozen BN, SyncBN, CE or SyncCE norm layers.
 
-Definitions (also in the README, "Channel analysis"):
+Definitions (also in docs/channel_analysis.md):
 
 * **Norm layer**: every ``_BatchNorm`` module of the backbone (BN, SyncBN, CE,
   SyncCE), named relative to the backbone (``bn1``, ``layer1.0.bn3``,
@@ -22,7 +22,7 @@ Definitions (also in the README, "Channel analysis"):
   output channel ``i`` is ``sum_j W_ij (gamma_j xhat_j + beta_j)``, and
   ``gamma_hat_i`` is its coefficient when every standardized input channel
   ``xhat_j`` moves together, which is the vector the proposition bounds
-  (``|gamma_hat_i| > |gamma_i|``). With the default ``whitening='released'``
+  (``|gamma_hat_i| > |gamma_i|``; counted per layer as ``prop1_holds``). With the default ``whitening='released'``
   ``W`` is the Newton inverse square root of the trace-normalized covariance
   ``Sigma / tr(Sigma)``, as in the proposition's proof; with
   ``whitening='paper'`` it also carries the ``1 / sqrt(tr Sigma)`` factor. The
@@ -283,21 +283,28 @@ def gamma_sparsity(layer: _BatchNorm,
 
     Returns:
         ``type``, ``num_channels``, ``gamma_below``, ``gamma_sparsity``
-        (fraction), ``gamma_hat_below`` and ``gamma_hat_sparsity`` (None for
-        non-CE layers).
+        (fraction), ``gamma_hat_below``, ``gamma_hat_sparsity``,
+        ``prop1_holds`` (channels with ``|gamma_hat| > |gamma|``, the
+        inequality of Proposition 1) and ``prop1_fraction`` (the last four
+        None for non-CE layers).
     """
     channels = layer.num_features
     result = dict(type=type(layer).__name__, num_channels=channels,
                   gamma_below=None, gamma_sparsity=None,
-                  gamma_hat_below=None, gamma_hat_sparsity=None)
+                  gamma_hat_below=None, gamma_hat_sparsity=None,
+                  prop1_holds=None, prop1_fraction=None)
     if layer.weight is None:
         return result
-    below = int((layer.weight.detach().abs() < threshold).sum())
+    gamma = layer.weight.detach().double().abs()
+    below = int((gamma < threshold).sum())
     result.update(gamma_below=below, gamma_sparsity=below / channels)
     if is_ce_layer(layer):
-        below_hat = int((equivalent_gamma(layer).abs() < threshold).sum())
+        gamma_hat = equivalent_gamma(layer).abs()
+        below_hat = int((gamma_hat < threshold).sum())
+        holds = int((gamma_hat > gamma).sum())
         result.update(gamma_hat_below=below_hat,
-                      gamma_hat_sparsity=below_hat / channels)
+                      gamma_hat_sparsity=below_hat / channels,
+                      prop1_holds=holds, prop1_fraction=holds / channels)
     return result
 
 
@@ -308,8 +315,8 @@ def backbone_gamma_sparsity(backbone: nn.Module,
     Returns:
         ``layers`` (a list of per-layer dicts with ``name``),
         ``gamma_sparsity`` over all channels of all affine layers and
-        ``gamma_hat_sparsity`` over all channels of the CE layers (None when
-        there are none).
+        ``gamma_hat_sparsity`` and ``prop1_fraction`` over all channels of
+        the CE layers (None when there are none).
     """
     layers = []
     for name, layer in norm_layers(backbone):
@@ -323,7 +330,8 @@ def backbone_gamma_sparsity(backbone: nn.Module,
                                                      for r in rows)
 
     return dict(layers=layers, gamma_sparsity=pooled('gamma_below'),
-                gamma_hat_sparsity=pooled('gamma_hat_below'))
+                gamma_hat_sparsity=pooled('gamma_hat_below'),
+                prop1_fraction=pooled('prop1_holds'))
 
 
 def _relu_labels(backbone: nn.Module) -> Dict[str, List[str]]:

@@ -13,7 +13,7 @@
 """
 import importlib.util
 
-SETUP_HINT = 'run `bash tools/setup_env.sh` (see README.md)'
+SETUP_HINT = 'run `bash tools/setup_env.sh` (see docs/installation.md)'
 
 SUPPORTED = {
     'mmengine': ('0.10.0', '0.11.0'),

@@ -120,8 +120,8 @@ def check_pretrained_checkpoints(cfg) -> None:
             message += (
                 'Only a CE-ResNet-50 with BN was released; for depth '
                 f'{depth}{"" if with_bn else " with " + norm} pretrain one on '
-                'ImageNet with this project and extract its backbone (README, '
-                '"ImageNet pretraining of CE-ResNet"):\n')
+                'ImageNet with this project and extract its backbone '
+                '(docs/imagenet.md):\n')
             if not osp.isfile(osp.join(REPO_ROOT, imagenet_cfg)):
                 message += (f'  (write {imagenet_cfg}, following '
                             'configs/cenet/imagenet/ce-resnet50-gn_8xb32_in1k.py)\n')

@@ -3,7 +3,7 @@
 # stages 1-2 by default (stage_with_ce=(True, True, False, False)).
 #
 # No ImageNet CE-ResNet-101 was released: pretrain one with this project
-# (README, "ImageNet pretraining of CE-ResNet") and extract its backbone:
+# (docs/imagenet.md) and extract its backbone:
 #   bash tools/dist_train.sh configs/cenet/imagenet/ce-resnet101_8xb32_in1k.py 8
 #   python tools/model_converters/cls2backbone.py \
 #       work_dirs/ce-resnet101_8xb32_in1k/epoch_100.pth \

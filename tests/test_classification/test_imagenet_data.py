@@ -261,7 +261,7 @@ def test_topk_accuracy_against_hand_computation():
 
 
 def test_generator_cli_is_deterministic(tmp_path):
-    """tools/misc/make_synthetic_imagenet.py: the README's layout, and the
+    """tools/misc/make_synthetic_imagenet.py: the layout of docs/imagenet.md, and the
     same arguments give byte-identical files."""
     import subprocess
     import sys

@@ -6,7 +6,7 @@ apart) and compares the eval output with the unconverted model: a converter
 that drops the CE block (as torch's ``convert_sync_batchnorm`` did,
 re-attaching the ``ce`` child that nothing calls) changes the output while the
 state dict still loads. ``revert_sync_batchnorm`` leaves CE and SyncCE as they
-are (README, "Compatibility").
+are (docs/sync_ce.md, "Converters keep CE").
 """
 import copy
 import io

@@ -183,6 +183,7 @@ def test_ce_gamma_hat_sparsity_with_planted_whitening():
     result = analysis.gamma_sparsity(layer)
     assert (result['gamma_below'], result['gamma_hat_below']) == (3, 3)
     assert result['gamma_hat_sparsity'] == 3 / 32
+    assert result['prop1_holds'] == 0  # |gamma_hat| == |gamma|: not greater
     # a whitening that mixes every channel of group 0 with channel 2: the
     # zero gammas 0 and 1 get gamma_hat = 0.5 * gamma_2 = 0.5; group 1 keeps
     # the identity (gamma_hat_17 = 0)
@@ -190,6 +191,16 @@ def test_ce_gamma_hat_sparsity_with_planted_whitening():
         layer.ce.running_whitening[0, :, 2] += 0.5
     result = analysis.gamma_sparsity(layer)
     assert (result['gamma_below'], result['gamma_hat_below']) == (3, 1)
+    # Proposition 1 per channel, counted by hand: in group 0 every channel but
+    # 2 has gamma_hat = gamma + 0.5 * gamma_2 (> |gamma|); channel 2 has
+    # 1.5 > 1; group 1 is the identity (equal, not greater)
+    assert result['prop1_holds'] == 16
+    assert result['prop1_fraction'] == 16 / 32
+    with torch.no_grad():  # a sign flip: gamma_hat_3 = -2 + 0.5 = -1.5
+        layer.weight[3] = -2.0
+    assert analysis.gamma_sparsity(layer)['prop1_holds'] == 15
+    with torch.no_grad():
+        layer.weight[3] = 1.0
     # and a group whose whitening is zero: every gamma_hat of it is 0
     with torch.no_grad():
         layer.ce.running_whitening[1].zero_()
@@ -217,6 +228,8 @@ def test_backbone_gamma_sparsity_per_layer_and_pooled():
                    if r['type'] == 'CE')
     assert result['gamma_sparsity'] == 7 / total
     assert result['gamma_hat_sparsity'] == 5 / ce_total
+    assert result['prop1_fraction'] == 0  # W = I everywhere: never greater
+    assert rows['layer2.1.bn1']['prop1_holds'] is None
 
 
 def test_activation_sparsity_skips_relus_inside_ce_layers():

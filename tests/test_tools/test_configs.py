@@ -420,7 +420,7 @@ def test_bench_configs_differ_only_in_backbone(name):
     # ~50x larger and clipping stalls the RoI head (see the config)
     assert backbone.zero_init_residual is True
     assert cfg.model.train_cfg.rcnn.sampler.num == 64
-    assert cfg.train_cfg.val_interval * 2 == cfg.train_cfg.max_iters
+    assert cfg.train_cfg.val_interval == cfg.train_cfg.max_iters
     assert cfg.model.roi_head.bbox_head.num_classes == 6
     assert cfg.train_dataloader.batch_size == 4
     model = build_model(cfg)
@@ -519,7 +519,7 @@ def test_in1k_gn_classifier_trains_into_the_gn_detector(tmp_path, monkeypatch):
                 'head.fc.weight'):
         assert not torch.equal(after[key], before[key]), key
 
-    # the pretraining path of the GN detector (README): cls2backbone, then the
+    # the pretraining path of the GN detector (docs/checkpoints.md): cls2backbone, then the
     # config's own init_cfg, run from the work directory
     monkeypatch.chdir(tmp_path)
     save_checkpoint(dict(state_dict=model.state_dict(), meta=dict()),
@@ -617,7 +617,7 @@ def test_train_script_stops_with_conversion_command(tmp_path):
 
 @pytest.mark.parametrize('script', ['dist_train.sh', 'dist_test.sh',
                                     'slurm_train.sh',
-                                    'benchmarks/synthetic_ap.sh'])
+                                    'analysis_tools/readme_plot.sh'])
 def test_shell_scripts_parse(script):
     path = osp.join(REPO, 'tools', script)
     assert subprocess.run(['bash', '-n', path]).returncode == 0

@@ -20,7 +20,7 @@ checkpoint in the R-101 Mask R-CNN configs.
    backbone tensor equals the classifier's, none missing or unexpected.
 4. The same with ``prefix='backbone.'`` on the classifier checkpoint itself,
    in ``mask-rcnn_syncce-r101_fpn_2x_coco.py``.
-5. The README's evaluation of the released CE-ResNet-50: ``cenet2cls.py`` on
+5. docs/imagenet.md's evaluation of the released CE-ResNet-50: ``cenet2cls.py`` on
    a released-format checkpoint (independent reference network), then
    ``tools/test.py`` with the R-50 ImageNet config: the reported top-1/top-5
    equal the reference network's on the same images.
@@ -265,7 +265,7 @@ def test_checkpoint_into_r101_mask_rcnn_with_prefix(trained):
 
 
 def test_released_r50_evaluated_with_test_script(trained, tmp_path):
-    """README path: cenet2cls.py on the released checkpoint, then
+    """docs/imagenet.md's path: cenet2cls.py on the released checkpoint, then
     tools/test.py with the R-50 ImageNet config; the reported top-1/top-5
     equal the reference network's on the same preprocessed images."""
     from cenet_mmdet.testing.released_resnet import (ReleasedCEResNet,

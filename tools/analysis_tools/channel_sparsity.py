@@ -132,7 +132,8 @@ def plot(results: List[Dict], path: str, threshold: float) -> None:
 
 
 def table(results: List[Dict], threshold: float) -> str:
-    """One row per model: pooled gamma / gamma_hat sparsity and the mean
+    """One row per model: pooled gamma / gamma_hat sparsity, the fraction of
+    CE channels where Proposition 1's inequality holds and the mean
     activation sparsity."""
     rows = []
     for result in results:
@@ -142,11 +143,13 @@ def table(results: List[Dict], threshold: float) -> str:
         rows.append([result['label'], len(result['layers']), ce_layers,
                      analysis.percent(result['gamma_sparsity'], 2),
                      analysis.percent(result['gamma_hat_sparsity'], 2),
+                     analysis.percent(result['prop1_fraction'], 2),
                      analysis.percent(act['mean_sparsity'], 2),
                      len(act['feature_maps']), act['num_images']])
     return analysis.markdown_table(
         ['model', 'norm layers', 'CE layers', f'abs(gamma) < {threshold:g}',
-         f'abs(gamma_hat) < {threshold:g} (CE)', 'activation sparsity',
+         f'abs(gamma_hat) < {threshold:g} (CE)',
+         'abs(gamma_hat) > abs(gamma) (CE, Prop. 1)', 'activation sparsity',
          'maps', 'images'], rows)
 
 

@@ -10,8 +10,8 @@ train dataloader (shuffled with ``seed``), runs one loss forward and backward
 (no optimizer step) and prints the losses and the gradient L2 norm of each
 part of the detector. A from-scratch run whose total norm is far above the
 config's ``clip_grad`` ``max_norm`` starts with every update scaled down by
-``total / max_norm``; the README's note on ``zero_init_residual`` comes from
-this script::
+``total / max_norm``; the note on ``zero_init_residual`` in docs/evidence.md
+comes from this script::
 
     python tools/analysis_tools/first_step_grad_norms.py \\
         configs/cenet/synthetic/mask-rcnn_r50_fpn_shapes-bench.py \\

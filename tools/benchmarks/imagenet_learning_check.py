@@ -1,8 +1,20 @@
 #!/usr/bin/env python
-"""Learning check of the ImageNet path (not a test): CE-ResNet-50 and
-BN-ResNet-50 from scratch on a generated ImageNet-layout set at 64 px.
+"""Smoke check of the ImageNet path (not a test, not a comparison): CE-ResNet-50
+(and, with ``--models ce bn``, BN-ResNet-50) from scratch on a generated
+ImageNet-layout set at 64 px.
 
-Both models run ``tools/train.py`` (one process) with a config that inherits
+It shows that the classification path trains end to end (the training loss
+falls from ln 4 and top-1 leaves chance). It supports no claim that one model
+beats the other: one seed, 80 validation images (a binomial standard error of
+about 5 top-1 points) and 192 training images that BN memorises (issue 21:
+84% top-1 on its own training images, 26-28% on validation). A fair
+comparison would need a larger training set than BN can memorise, 3 or more
+seeds per arm and 400 or more validation images (at today's size about 8
+minutes per arm and seed on 2 cores, and more with the data it needs); it was
+not made, and the 2 cores went to the detection seeds instead: the multi-seed
+evidence is ``tools/benchmarks/multi_seed_ap.py`` (docs/evidence.md).
+
+Each model runs ``tools/train.py`` (one process) with a config that inherits
 ``configs/cenet/imagenet/ce-resnet50_8xb32_in1k.py`` and replaces its schedule,
 shortened by ``--cfg-options`` to the budget below, with the same data, seed
 and schedule; BN-ResNet-50 is the same config with
@@ -25,7 +37,7 @@ everything else is ``--cfg-options``.
 
 Usage::
 
-    python tools/benchmarks/imagenet_learning_check.py [--epochs 100] [--models ce bn]
+    python tools/benchmarks/imagenet_learning_check.py [--epochs 100] [--models ce [bn]]
 """
 import argparse
 import glob
@@ -47,7 +59,7 @@ def parse_args():
     parser = argparse.ArgumentParser(
         description=' '.join(__doc__.split('\n\n')[0].split()))
     parser.add_argument('--work-dir', default='work_dirs/imagenet_learning_check')
-    parser.add_argument('--models', nargs='+', default=['ce', 'bn'],
+    parser.add_argument('--models', nargs='+', default=['ce'],
                         choices=sorted(MODELS))
     parser.add_argument('--classes', type=int, default=4)
     parser.add_argument('--train-per-class', type=int, default=48)

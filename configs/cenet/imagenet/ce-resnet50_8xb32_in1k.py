@@ -11,7 +11,7 @@
 # The model, dataset, transforms and metric are cenet_mmdet.classification
 # (MMEngine-native, MMPretrain's type and field names, registered in
 # MMDetection's registries). The backbone of the result goes to the detection
-# configs with tools/model_converters/cls2backbone.py (README).
+# configs with tools/model_converters/cls2backbone.py (docs/checkpoints.md).
 custom_imports = dict(imports=['cenet_mmdet'], allow_failed_imports=False)
 default_scope = 'mmdet'
 
