@@ -28,7 +28,6 @@ main() {
   AII_IMAGES=${AII_IMAGES:-32}
   RATIOS=${RATIOS:-"0 0.2 0.4 0.6"}
   ABLATION_IMAGES=${ABLATION_IMAGES:-100}
-  ABLATION_OPTIONS=("test_dataloader.dataset.indices=$ABLATION_IMAGES")
   FIGURE=${FIGURE-docs/figures/channel_sparsity_synthetic.png}
   OUT="$WORK_DIR/channel_analysis"
   BN_CKPT="$WORK_DIR/bn-ce/bn/seed0/iter_$ITERS.pth"
@@ -46,6 +45,26 @@ main() {
   OPTIONS=("test_dataloader.dataset.data_root=$DATA/"
            "test_evaluator.ann_file=$DATA/annotations/instances_val.json")
   TOOLS="$ROOT/tools/analysis_tools"
+  # The ablation runs on the first ABLATION_IMAGES validation images, with an
+  # annotation file of exactly those images for the dataset and the evaluator
+  # (dataset.indices alone would leave COCO evaluating against all images of
+  # the split, so that AP counts the images not run as misses).
+  mkdir -p "$OUT"
+  SUBSET="$(cd "$OUT" && pwd)/instances_val_first$ABLATION_IMAGES.json"
+  $PYTHON - "$DATA/annotations/instances_val.json" "$SUBSET" "$ABLATION_IMAGES" <<'PY'
+import json
+import sys
+source, target, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(source) as f:
+    data = json.load(f)
+data['images'] = data['images'][:count]
+kept = {image['id'] for image in data['images']}
+data['annotations'] = [a for a in data['annotations'] if a['image_id'] in kept]
+with open(target, 'w') as f:
+    json.dump(data, f)
+PY
+  ABLATION_OPTIONS=("test_dataloader.dataset.ann_file=$SUBSET"
+                    "test_evaluator.ann_file=$SUBSET")
   # shellcheck disable=SC2086
   $PYTHON "$TOOLS/channel_sparsity.py" "${MODELS[@]}" --labels BN CE \
     --out-dir "$OUT" --num-images "$NUM_IMAGES" --cfg-options "${OPTIONS[@]}"

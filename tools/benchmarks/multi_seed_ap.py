@@ -368,7 +368,8 @@ def plot(results: Dict, path: str) -> None:
             ax.set_xticks(range(len(arms)), arms)
             ax.set_xlim(-0.5, len(arms) - 0.3)
             ax.set_ylabel(f'{label} (x100)')
-            ax.set_title(f'{pair}: {label}, n={len(values[arms[0]])} seeds')
+            n = len(values[arms[0]])
+            ax.set_title(f'{pair}: {label}, {n} seed{"s" if n != 1 else ""}')
             ax = axes[row][2 * col + 1]
             diff = stats['difference']
             ax.plot([0] * len(diff['differences']), diff['differences'], 'o',
