@@ -251,9 +251,10 @@ def run_options(data: str, iters: int, seed: int, run_dir: str,
         f'randomness.seed={seed}', *extra]
 
 
-def train_one(arm: Arm, seed: int, args, python: str) -> Tuple[Dict, float]:
+def train_one(pair: str, arm: Arm, seed: int, args,
+              python: str) -> Tuple[Dict, float]:
     """Train (or reuse) one run; returns its final metrics and wall seconds."""
-    run_dir = osp.join(args.work_dir, args.current_pair, arm.name, f'seed{seed}')
+    run_dir = osp.join(args.work_dir, pair, arm.name, f'seed{seed}')
     command = [python, osp.join(ROOT, 'tools', 'train.py'), arm.config,
                '--work-dir', run_dir, '--cfg-options',
                *run_options(args.data, args.iters, seed, run_dir,
@@ -281,7 +282,7 @@ def train_one(arm: Arm, seed: int, args, python: str) -> Tuple[Dict, float]:
     if code != 0 or found is None:
         raise RuntimeError(f'run {arm.name} seed {seed} failed (exit {code}); '
                            f'see {osp.join(run_dir, "train.log")}')
-    print(f'[multi_seed_ap] {args.current_pair} {arm.name} seed {seed}: box AP '
+    print(f'[multi_seed_ap] {pair} {arm.name} seed {seed}: box AP '
           f'{100 * found["coco/bbox_mAP"]:.1f}, mask AP '
           f'{100 * found["coco/segm_mAP"]:.1f} ({wall:.0f} s)', flush=True)
     return found, wall
@@ -439,11 +440,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         pairs={})
     for pair in args.pairs:
-        args.current_pair = pair
         arms = PAIRS[pair]
         jobs = [(arm, seed) for seed in args.seeds for arm in arms]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outcomes = list(pool.map(lambda job: train_one(*job, args, python), jobs))
+            outcomes = list(pool.map(
+                lambda job: train_one(pair, *job, args, python), jobs))
         per_seed = {arm.name: {} for arm in arms}
         walls = {arm.name: {} for arm in arms}
         for (arm, seed), (metrics, wall) in zip(jobs, outcomes):
