@@ -474,4 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as err:  # a failed training run: one line, its log named
+        sys.exit(f'[multi_seed_ap] error: {err}')
