@@ -17,7 +17,9 @@ if REPO_ROOT not in sys.path:
 
 import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
 from cenet_mmdet.engine import (CheckpointMismatchError,  # noqa: E402
+                                 EvaluationSubsetError,
                                  check_checkpoint_covers,
+                                 check_evaluator_covers_dataset,
                                  finish_distributed_run, move_data_root,
                                  setup_cpu_distributed)
 from mmengine import ConfigDict  # noqa: E402
@@ -168,6 +170,15 @@ def main():
     try:
         check_checkpoint_covers(runner.model, args.checkpoint)
     except CheckpointMismatchError as error:
+        print(f'test.py: error: {error}', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+    # a test set that is part of the evaluator's annotation file would count
+    # the images not run as images with no detections
+    try:
+        check_evaluator_covers_dataset(runner.test_loop.dataloader.dataset,
+                                       runner.test_loop.evaluator)
+    except EvaluationSubsetError as error:
         print(f'test.py: error: {error}', file=sys.stderr, flush=True)
         sys.exit(1)
 

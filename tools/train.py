@@ -16,6 +16,7 @@ if REPO_ROOT not in sys.path:
 
 import cenet_mmdet  # noqa: E402,F401  (registers CE, SyncCE, CEResNet)
 from cenet_mmdet.engine import (CEWeightsError,  # noqa: E402
+                                 EvaluationSubsetError,
                                  finish_distributed_run, move_data_root,
                                  setup_cpu_distributed)
 from mmengine.config import Config, ConfigDict, DictAction  # noqa: E402
@@ -153,6 +154,19 @@ def add_ce_weights_check(cfg) -> None:
     cfg.custom_hooks = hooks
 
 
+def add_evaluation_subset_check(cfg) -> None:
+    """Add :class:`cenet_mmdet.engine.EvaluationSubsetCheckHook` to the run
+    (once): a validation set that is part of the evaluator's annotation file
+    stops before training (COCO AP would count the images not run as
+    misses)."""
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    if not any(isinstance(hook, dict) and
+               hook.get('type') == 'EvaluationSubsetCheckHook'
+               for hook in hooks):
+        hooks.append(dict(type='EvaluationSubsetCheckHook'))
+    cfg.custom_hooks = hooks
+
+
 def main():
     args = parse_args()
 
@@ -205,6 +219,7 @@ def main():
 
     check_pretrained_checkpoints(cfg)
     add_ce_weights_check(cfg)
+    add_evaluation_subset_check(cfg)
     # CPU-only machine with a launcher: gloo process group and a CPU DDP
     # wrapper (no-op when CUDA is available or --launcher none)
     setup_cpu_distributed(cfg, args.launcher)
@@ -218,10 +233,11 @@ def main():
         # if 'runner_type' is set in the cfg
         runner = RUNNERS.build(cfg)
 
-    # start training; a checkpoint that leaves CE untrained stops it first
+    # start training; a checkpoint that leaves CE untrained, or a validation
+    # set that is part of the evaluator's annotation file, stops it first
     try:
         runner.train()
-    except CEWeightsError as error:
+    except (CEWeightsError, EvaluationSubsetError) as error:
         print(f'train.py: error: {error}', file=sys.stderr, flush=True)
         sys.exit(1)
 

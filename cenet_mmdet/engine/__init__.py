@@ -25,3 +25,10 @@ __all__ += ['CEWeightsCheckHook', 'CEWeightsError', 'CheckpointMismatchError',
 from .data_root import move_data_root  # noqa: E402
 
 __all__ += ['move_data_root']
+
+from .evaluation_check import (EvaluationSubsetCheckHook,  # noqa: E402
+                               EvaluationSubsetError,
+                               check_evaluator_covers_dataset)
+
+__all__ += ['EvaluationSubsetCheckHook', 'EvaluationSubsetError',
+            'check_evaluator_covers_dataset']

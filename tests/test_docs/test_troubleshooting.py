@@ -75,6 +75,8 @@ OPAQUE = {
     ('cenet_mmdet/classification/checkpoints.py', "f'{prog}: error: {error}'"),
     ('cenet_mmdet/classification/checkpoints.py',
      "f'{prog}: warning: {warning.message}'"),
+    # channel_ablation re-raises engine.evaluation_check's message
+    ('tools/analysis_tools/channel_ablation.py', 'str(error)'),
     # the located error of CEResNet wraps a layer's own ValueError
     ('cenet_mmdet/models/backbones/ce_resnet.py', "f'CEResNet: {err}'"),
     # a failed subprocess's output, and cuda_peak.py passing on an exit code

@@ -610,6 +610,39 @@ def test_missing_checkpoint_fails_first(workspace, name):
     assert not osp.exists(out_dir)
 
 
+@pytest.mark.parametrize('name', ['test', 'channel_ablation', 'train'])
+def test_subset_of_the_evaluated_images_is_refused(workspace, name):
+    """``test_dataloader.dataset.indices`` (``val_dataloader`` in training)
+    with the evaluator's whole ann_file would count the images not run as
+    misses: one line, exit status 1, before any iteration."""
+    out_dir = osp.join(workspace['root'], f'subset_{name}')
+    loop = 'val' if name == 'train' else 'test'
+    subset = ['--cfg-options', f'{loop}_dataloader.dataset.indices=2']
+    if name == 'train':
+        cmd = [sys.executable, osp.join(REPO, 'tools', 'train.py'),
+               workspace['ce'][0], '--work-dir', out_dir, *subset]
+        prefix = 'train.py: error: '
+    elif name == 'test':
+        cmd = [sys.executable, osp.join(REPO, 'tools', 'test.py'),
+               *workspace['ce'], '--work-dir', out_dir, *subset]
+        prefix = 'test.py: error: '
+    else:
+        cmd = [sys.executable, osp.join(TOOLS, 'channel_ablation.py'),
+               *workspace['ce'], '--out-dir', out_dir, *subset]
+        prefix = 'error: '
+    env = dict(workspace['env'], PYTHONWARNINGS='ignore')
+    proc = subprocess.run(cmd, cwd=workspace['root'], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if 'error' in line]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(
+        f'{prefix}{loop}_dataloader.dataset holds 2 of the 3 images of '
+        f'{loop}_evaluator.ann_file: '), errors[0]
+    assert 'count the other 1 as images with no detections' in errors[0]
+    assert 'Iter(train)' not in proc.stdout + proc.stderr
+
+
 def test_command_line_errors(workspace, capsys):
     tool = load_tool('channel_sparsity')
     ce_config, ce_checkpoint = workspace['ce']

@@ -106,6 +106,13 @@ def ablate_model(spec: analysis.ModelSpec,
                  args: argparse.Namespace) -> Dict:
     """Run the test loop once per ratio with the chosen channels zeroed."""
     runner = build_runner(spec, args)
+    from cenet_mmdet.engine import (EvaluationSubsetError,
+                                    check_evaluator_covers_dataset)
+    try:
+        check_evaluator_covers_dataset(runner.test_loop.dataloader.dataset,
+                                       runner.test_loop.evaluator)
+    except EvaluationSubsetError as error:
+        raise analysis.AnalysisError(str(error)) from None
     backbone = analysis.get_resnet_backbone(runner.model)
     names = args.layers or analysis.default_ablation_layers(backbone)
     layers = analysis.resolve_norm_layers(backbone, names)
