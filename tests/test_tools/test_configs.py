@@ -419,12 +419,19 @@ def test_bench_configs_differ_only_in_backbone(name):
     # MMDetection's default; without it the first from-scratch gradients are
     # ~50x larger and clipping stalls the RoI head (see the config)
     assert backbone.zero_init_residual is True
-    assert cfg.model.train_cfg.rcnn.sampler.num == 64
+    # the cheap RoI heads of the benchmark: 32 sampled RoIs per image, 7x7
+    # mask RoI features upsampled to 14x14 masks with 14x14 targets
+    assert cfg.model.train_cfg.rcnn.sampler.num == 32
+    assert cfg.model.train_cfg.rcnn.mask_size == 14
     assert cfg.train_cfg.val_interval == cfg.train_cfg.max_iters
     assert cfg.model.roi_head.bbox_head.num_classes == 6
     assert cfg.train_dataloader.batch_size == 4
     model = build_model(cfg)
     model.train()
+    assert model.roi_head.mask_roi_extractor.roi_layers[0].output_size == (7, 7)
+    with torch.no_grad():
+        masks = model.roi_head.mask_head(torch.zeros(2, 256, 7, 7))
+    assert masks.shape == (2, 6, 14, 14)
     ce_layers = _ce_layers(model)
     if backbone.type == 'CEResNet':
         assert len(ce_layers) == 14

@@ -123,12 +123,12 @@ def _first_loss(run_dir):
 
 
 def test_tiny_two_seed_run(tmp_path, capsys):
-    """Two seeds x BN/CE at 2 iterations on 8 images: every run evaluated, the
+    """Two seeds x BN/CE at 1 iteration on 4 images: every run evaluated, the
     summary equal to a recomputation from the runs' own logs, the seed changes
     the run and a second start reuses the finished runs."""
     work_dir = str(tmp_path / 'work')
     argv = ['--work-dir', work_dir, '--data', str(tmp_path / 'data'),
-            '--seeds', '0', '1', '--iters', '2', '--num-train', '8',
+            '--seeds', '0', '1', '--iters', '1', '--num-train', '4',
             '--num-val', '3', '--cfg-options', 'train_dataloader.batch_size=2',
             'default_hooks.logger.interval=1']
     assert driver.main(argv) == 0
@@ -140,10 +140,10 @@ def test_tiny_two_seed_run(tmp_path, capsys):
     for arm in pair['arms']:
         for seed in (0, 1):
             run_dir = osp.join(work_dir, 'bn-ce', arm, f'seed{seed}')
-            logged = driver.read_final_evaluation(run_dir, 2)
+            logged = driver.read_final_evaluation(run_dir, 1)
             assert logged == pair['per_seed'][arm][str(seed)]
             per_seed[arm][seed] = logged
-            assert osp.isfile(osp.join(run_dir, 'iter_2.pth'))
+            assert osp.isfile(osp.join(run_dir, 'iter_1.pth'))
     assert pair['summary'] == json.loads(json.dumps(
         driver.summarize(per_seed, ('bn', 'ce'))))
     # the seed changes initialisation and data order: another first loss
@@ -157,6 +157,31 @@ def test_tiny_two_seed_run(tmp_path, capsys):
     capsys.readouterr()
     assert driver.main(argv) == 0  # finished runs are reused, not retrained
     assert capsys.readouterr().out.count('reusing') == 4
+    # ... but not when the config's text (or the command) changed
+    run_dir = osp.join(work_dir, 'bn-ce', 'ce', 'seed0')
+    with open(osp.join(run_dir, 'command.json')) as f:
+        record = json.load(f)
+    assert record['config_sha256'] == driver.config_digest(driver.CE_CONFIG)
+    assert driver.finished_run(run_dir, record, 1) == per_seed['ce'][0]
+    assert driver.finished_run(run_dir, dict(record, config_sha256='0' * 64),
+                               1) is None
+    assert driver.finished_run(run_dir, dict(
+        record, command=record['command'][:-1]), 1) is None
+    assert driver.finished_run(run_dir, record, 2) is None  # other budget
+
+
+def test_config_digest_follows_base_files(tmp_path):
+    """The digest is that of the resolved config: an edit in a ``_base_``
+    file changes it, a comment does not."""
+    base, child = tmp_path / 'base.py', tmp_path / 'child.py'
+    base.write_text('model = dict(depth=50, width=64)\n')
+    child.write_text("_base_ = './base.py'\nmodel = dict(width=32)\n")
+    digest = driver.config_digest(str(child))
+    assert digest == driver.config_digest(str(child))
+    base.write_text('# a comment\nmodel = dict(depth=50, width=64)\n')
+    assert driver.config_digest(str(child)) == digest
+    base.write_text('model = dict(depth=101, width=64)\n')
+    assert driver.config_digest(str(child)) != digest
 
 
 def _coco_files(tmp_path, wrong_image):

@@ -26,10 +26,11 @@ For the first seed, the AP of each arm is also recomputed with each validation
 image left out (:func:`one_image_influence`): how far one image moves AP.
 
 Writes into ``--work-dir``: ``<pair>/<arm>/seed<k>/`` (the runs; a finished run
-is reused when the driver is started again with the same settings, so a killed
-driver loses at most the runs in flight), ``results.json`` (settings, per-seed
-AP, summary), ``results.md`` (the tables, also printed) and ``results.png``
-(per-seed points with the mean and its CI, and the paired differences).
+is reused when the driver is started again with the same settings and config
+text, so a killed driver loses at most the runs in flight), ``results.json``
+(settings, per-seed AP, summary), ``results.md`` (the tables, also printed) and
+``results.png`` (per-seed points with the mean and its CI, and the paired
+differences).
 
 Runs ``--jobs`` trainings at a time with ``--threads`` torch threads each (the
 default, 2 x 1, uses 2 cores; both arms of a seed run side by side, so a drift of
@@ -37,6 +38,7 @@ the machine's speed hits both).
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -251,26 +253,50 @@ def run_options(data: str, iters: int, seed: int, run_dir: str,
         f'randomness.seed={seed}', *extra]
 
 
-def train_one(pair: str, arm: Arm, seed: int, args,
-              python: str) -> Tuple[Dict, float]:
-    """Train (or reuse) one run; returns its final metrics and wall seconds."""
+def config_digest(config: str) -> str:
+    """SHA-256 of ``config`` as MMEngine resolves it (its ``_base_`` files,
+    ``mmdet::`` ones included, merged in)."""
+    from mmengine.config import Config
+    text = Config.fromfile(config).pretty_text
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def finished_run(run_dir: str, record: Dict,
+                 iters: int) -> Optional[Dict[str, float]]:
+    """The final metrics of the run in ``run_dir`` if it finished and was made
+    by ``record`` (the command and :func:`config_digest` of its config, as in
+    its ``command.json``), else None: an edited config is retrained, not
+    reused."""
+    command_file = osp.join(run_dir, 'command.json')
+    if not osp.isfile(command_file):
+        return None
+    with open(command_file) as f:
+        if json.load(f) != record:
+            return None
+    return read_final_evaluation(run_dir, iters)
+
+
+def train_one(pair: str, arm: Arm, seed: int, args, python: str,
+              config_sha256: str) -> Tuple[Dict, float]:
+    """Train (or reuse) one run; returns its final metrics and wall seconds.
+    ``config_sha256`` is :func:`config_digest` of ``arm.config``, computed by
+    the caller in the main thread (MMEngine's config parsing is not
+    thread-safe)."""
     run_dir = osp.join(args.work_dir, pair, arm.name, f'seed{seed}')
     command = [python, osp.join(ROOT, 'tools', 'train.py'), arm.config,
                '--work-dir', run_dir, '--cfg-options',
                *run_options(args.data, args.iters, seed, run_dir,
                             (*arm.options, *args.cfg_options))]
-    # a finished run is reused only if it was made by this very command
-    command_file = osp.join(run_dir, 'command.json')
-    found = read_final_evaluation(run_dir, args.iters)
-    if found is not None and osp.isfile(command_file) and \
-            json.load(open(command_file)) == command[1:]:
+    record = dict(command=command[1:], config_sha256=config_sha256)
+    found = finished_run(run_dir, record, args.iters)
+    if found is not None:
         print(f'[multi_seed_ap] reusing {run_dir}', flush=True)
         return found, 0.0
     if osp.isdir(run_dir):
         shutil.rmtree(run_dir)  # unfinished, or made with other settings
     os.makedirs(run_dir)
-    with open(command_file, 'w') as f:
-        json.dump(command[1:], f)
+    with open(osp.join(run_dir, 'command.json'), 'w') as f:
+        json.dump(record, f)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                MKL_NUM_THREADS=str(args.threads))
     start = time.time()
@@ -442,9 +468,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for pair in args.pairs:
         arms = PAIRS[pair]
         jobs = [(arm, seed) for seed in args.seeds for arm in arms]
+        digests = {arm.config: config_digest(arm.config) for arm in arms}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             outcomes = list(pool.map(
-                lambda job: train_one(pair, *job, args, python), jobs))
+                lambda job: train_one(pair, *job, args, python,
+                                      digests[job[0].config]), jobs))
         per_seed = {arm.name: {} for arm in arms}
         walls = {arm.name: {} for arm in arms}
         for (arm, seed), (metrics, wall) in zip(jobs, outcomes):
