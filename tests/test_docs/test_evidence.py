@@ -1,0 +1,76 @@
+"""The published BN-vs-CE numbers (README, docs/evidence.md) are those of the
+driver's saved output, docs/figures/evidence/results.json, and that output is
+consistent with itself (issue #21: every number comes from a command)."""
+import importlib.util
+import json
+import os.path as osp
+
+import pytest
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+EVIDENCE = osp.join(ROOT, 'docs', 'figures', 'evidence')
+
+
+def _driver():
+    spec = importlib.util.spec_from_file_location(
+        '_multi_seed_ap_docs',
+        osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+driver = _driver()
+
+
+@pytest.fixture(scope='module')
+def results():
+    with open(osp.join(EVIDENCE, 'results.json')) as f:
+        return json.load(f)
+
+
+def _read(*parts):
+    with open(osp.join(ROOT, *parts)) as f:
+        return f.read()
+
+
+def _summary_row(label, stats):
+    """A summary row as README.md and the evidence summary print it."""
+    arms = stats['per_arm']
+    diff = stats['difference']
+    return (f'| {label} | {arms["bn"]["mean"]:.1f} ± {arms["bn"]["std"]:.1f} | '
+            f'{arms["ce"]["mean"]:.1f} ± {arms["ce"]["std"]:.1f} | '
+            f'{diff["mean"]:+.2f} [{diff["ci_low"]:+.2f}, {diff["ci_high"]:+.2f}] | '
+            f'{diff["candidate_ahead"]} of {diff["n"]} seeds |')
+
+
+def test_saved_summary_is_recomputed_from_the_saved_runs(results):
+    pair = results['pairs']['bn-ce']
+    per_seed = {arm: {int(seed): metrics for seed, metrics in runs.items()}
+                for arm, runs in pair['per_seed'].items()}
+    assert results['settings']['seeds'] == [0, 1, 2, 3, 4]  # the default
+    recomputed = json.loads(json.dumps(driver.summarize(per_seed, ('bn', 'ce'))))
+    assert pair['summary'] == recomputed
+    assert _read('docs', 'figures', 'evidence', 'results.md') == \
+        driver.markdown(results)
+
+
+@pytest.mark.parametrize('document', ['README.md', 'docs/evidence.md'])
+def test_published_summary_rows_match_the_saved_run(results, document):
+    text = _read(document)
+    for label, stats in results['pairs']['bn-ce']['summary'].items():
+        if label == 'seeds':
+            continue
+        assert _summary_row(label, stats) in text, (document, label)
+    minutes = round(results['total_wall_s'] / 60)
+    assert f'{minutes} minutes' in text
+
+
+def test_evidence_per_seed_table_matches_the_saved_run(results):
+    text = _read('docs', 'evidence.md')
+    per_seed = results['pairs']['bn-ce']['per_seed']
+    for seed in results['settings']['seeds']:
+        cells = [f'{100 * per_seed[arm][str(seed)][metric]:.1f}'
+                 for metric in ('coco/bbox_mAP', 'coco/segm_mAP')
+                 for arm in ('bn', 'ce')]
+        assert f'| {seed} | ' + ' | '.join(cells) + ' |' in text
