@@ -85,3 +85,83 @@ def test_cpu_peak_memory_of_a_train_step_is_measured():
     large = bench.cpu_train_step_mb('BN', 50, 8, 64, 1)
     assert small > 90, small
     assert large > small + 20, (small, large)
+
+
+def load_bench_layers():
+    sys.path.insert(0, BENCH)  # it imports bench_backbones and common
+    try:
+        spec = importlib.util.spec_from_file_location(
+            '_bench_layers', osp.join(BENCH, 'bench_layers.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH)
+    return module
+
+
+def test_bench_layers_floor_is_the_maps_only_layer_and_totals_weight_by_count(
+        monkeypatch, capsys):
+    """bench_layers.py's floor applies ``0.5 x`` (the maps only, as in the
+    backbone floor), and its total row is each shape's median times the
+    number of CE layers of that shape (1 + 3 + 4 + 6 = 14 in CE-ResNet-50)."""
+    bench = load_bench_layers()
+    assert [shape[-1] for shape in bench.SHAPES] == [1, 3, 4, 6]
+    floor = bench.build('floor', 32, 16)
+    x = torch.randn(2, 32, 3, 3)
+    assert type(floor).__name__ == 'MapsOnly'
+    assert torch.equal(floor(x), 0.5 * x)
+    assert {kind: type(bench.build(kind, 32, 16)).__name__ for kind in bench.KINDS} == {
+        'BN': 'BatchNorm2d', 'CE': 'CE', 'SyncCE': 'SyncCE', 'released': 'ReleasedBNCE',
+        'floor': 'MapsOnly'}
+
+    # every timing 1 ms for BN, 2 ms for the floor: totals 14 and 28 ms
+    monkeypatch.setattr(bench, 'SHAPES', [('a', 16, 4, 16, 5), ('b', 32, 4, 16, 9)])
+    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
+        kind: [0.001 * (2 if kind == 'floor' else 1)] * 3 for kind in fns})
+    monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--kinds', 'floor',
+                                      '--repeat', '3', '--threads', '1'])
+    bench.main()
+    out = capsys.readouterr().out
+    assert '| BN | 14.00 | 14.00 |' in out
+    assert '| floor (maps only) | 28.00 | 28.00 |' in out
+    assert '| b (32x4x4) | floor (maps only) | 2.00 | 2.00x (2.00-2.00) |' in out
+    # only BN (always) and the kinds asked for
+    labels = {line.split(' | ')[1] for line in out.splitlines()
+              if line.startswith('| a (') or line.startswith('| b (')}
+    assert labels == {'BN', 'floor (maps only)'}
+
+
+def test_bench_layers_train_column_statistics(monkeypatch, capsys):
+    """``--train-stats running`` times the train column with the layers in
+    eval mode (norm_eval=True, as bench_backbones' train step); the default
+    uses batch statistics."""
+    bench = load_bench_layers()
+    monkeypatch.setattr(bench, 'SHAPES', [('a', 16, 4, 16, 1)])
+    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
+        kind: [0.001] * 3 for kind in fns})
+    original = bench.train_fn
+    modes = []
+
+    def spy(layer, x):
+        modes.append((type(layer).__name__, layer.training))
+        return original(layer, x)
+    monkeypatch.setattr(bench, 'train_fn', spy)
+    for stats, training in (('batch', True), ('running', False)):
+        modes.clear()
+        monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--kinds', 'CE',
+                                          '--train-stats', stats, '--threads', '1'])
+        bench.main()
+        assert modes == [('BatchNorm2d', training), ('CE', training)]
+        assert f'train with {stats} statistics' in capsys.readouterr().out
+
+
+def test_bench_layers_spatial_overrides_every_shape(monkeypatch, capsys):
+    bench = load_bench_layers()
+    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
+        kind: [0.001] * 3 for kind in fns})
+    monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--kinds', 'BN', '--spatial', '2',
+                                      '--threads', '1'])
+    bench.main()
+    out = capsys.readouterr().out
+    for name, channels, *_ in bench.SHAPES:
+        assert f'| {name} ({channels}x2x2) | BN |' in out
