@@ -14,16 +14,21 @@ BENCH = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                  'tools', 'benchmarks')
 
 
-def load_bench():
-    sys.path.insert(0, BENCH)  # the script imports its sibling common.py
+def load_script(name: str):
+    """``tools/benchmarks/<name>.py`` as a module (it imports its siblings)."""
+    sys.path.insert(0, BENCH)
     try:
         spec = importlib.util.spec_from_file_location(
-            '_bench_backbones', osp.join(BENCH, 'bench_backbones.py'))
+            f'_{name}', osp.join(BENCH, f'{name}.py'))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(BENCH)
     return module
+
+
+def load_bench():
+    return load_script('bench_backbones')
 
 
 def test_floor_replaces_all_14_layers_and_differentiates_its_maps():
@@ -88,15 +93,7 @@ def test_cpu_peak_memory_of_a_train_step_is_measured():
 
 
 def load_bench_layers():
-    sys.path.insert(0, BENCH)  # it imports bench_backbones and common
-    try:
-        spec = importlib.util.spec_from_file_location(
-            '_bench_layers', osp.join(BENCH, 'bench_layers.py'))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(BENCH)
-    return module
+    return load_script('bench_layers')
 
 
 def test_bench_layers_floor_is_the_maps_only_layer_and_totals_weight_by_count(
