@@ -96,6 +96,12 @@ def load_bench_layers():
     return load_script('bench_layers')
 
 
+def stub_timings(monkeypatch, bench, floor_ms: float = 1.0) -> None:
+    """Every timing of ``bench.main`` 1 ms (the floor's ``floor_ms``), 3 repeats."""
+    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
+        kind: [0.001 * (floor_ms if kind == 'floor' else 1)] * 3 for kind in fns})
+
+
 def test_bench_layers_floor_is_the_maps_only_layer_and_totals_weight_by_count(
         monkeypatch, capsys):
     """bench_layers.py's floor applies ``0.5 x`` (the maps only, as in the
@@ -113,14 +119,14 @@ def test_bench_layers_floor_is_the_maps_only_layer_and_totals_weight_by_count(
 
     # every timing 1 ms for BN, 2 ms for the floor: totals 14 and 28 ms
     monkeypatch.setattr(bench, 'SHAPES', [('a', 16, 4, 16, 5), ('b', 32, 4, 16, 9)])
-    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
-        kind: [0.001 * (2 if kind == 'floor' else 1)] * 3 for kind in fns})
+    stub_timings(monkeypatch, bench, floor_ms=2.0)
     monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--kinds', 'floor',
                                       '--repeat', '3', '--threads', '1'])
     bench.main()
     out = capsys.readouterr().out
     assert '| BN | 14.00 | 14.00 |' in out
     assert '| floor (maps only) | 28.00 | 28.00 |' in out
+    assert 'The 14 CE positions of CE-ResNet-50 in total (5 + 9 layers' in out
     assert '| b (32x4x4) | floor (maps only) | 2.00 | 2.00x (2.00-2.00) |' in out
     # only BN (always) and the kinds asked for
     labels = {line.split(' | ')[1] for line in out.splitlines()
@@ -134,8 +140,7 @@ def test_bench_layers_train_column_statistics(monkeypatch, capsys):
     uses batch statistics."""
     bench = load_bench_layers()
     monkeypatch.setattr(bench, 'SHAPES', [('a', 16, 4, 16, 1)])
-    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
-        kind: [0.001] * 3 for kind in fns})
+    stub_timings(monkeypatch, bench)
     original = bench.train_fn
     modes = []
 
@@ -154,8 +159,7 @@ def test_bench_layers_train_column_statistics(monkeypatch, capsys):
 
 def test_bench_layers_spatial_overrides_every_shape(monkeypatch, capsys):
     bench = load_bench_layers()
-    monkeypatch.setattr(bench, 'interleaved_times', lambda fns, *args: {
-        kind: [0.001] * 3 for kind in fns})
+    stub_timings(monkeypatch, bench)
     monkeypatch.setattr(sys, 'argv', ['bench_layers.py', '--kinds', 'BN', '--spatial', '2',
                                       '--threads', '1'])
     bench.main()

@@ -95,7 +95,7 @@ def main() -> None:
     torch.manual_seed(0)
     kinds = ['BN'] + [kind for kind in KINDS if kind in args.kinds and kind != 'BN']
     rows = []
-    # per kind: sum over the 14 CE layers of CE-ResNet-50 of the median ms
+    # per kind: sum over the CE layers of CE-ResNet-50 of the median ms
     totals = {kind: [0.0, 0.0] for kind in kinds}
     for name, channels, size, group_size, count in SHAPES:
         size = args.spatial or size
@@ -111,19 +111,21 @@ def main() -> None:
         trains = interleaved_times({k: train_fn(m, x) for k, m in layers.items()},
                                    args.device, args.warmup, args.repeat)
         for kind in kinds:
-            totals[kind][0] += count * median_ms(evals[kind])
-            totals[kind][1] += count * median_ms(trains[kind])
+            eval_ms, train_ms = median_ms(evals[kind]), median_ms(trains[kind])
+            totals[kind][0] += count * eval_ms
+            totals[kind][1] += count * train_ms
             rows.append([f'{name} ({channels}x{size}x{size})', KINDS[kind],
-                         f'{median_ms(evals[kind]):.2f}', str(ratio(evals, kind, 'BN')),
-                         f'{median_ms(trains[kind]):.2f}',
-                         str(ratio(trains, kind, 'BN'))])
+                         f'{eval_ms:.2f}', str(ratio(evals, kind, 'BN')),
+                         f'{train_ms:.2f}', str(ratio(trains, kind, 'BN'))])
     print(f'Layer benchmark, batch {args.batch}, {args.repeat} interleaved repeats, '
           f'train with {args.train_stats} statistics; {machine_line(args.device)}\n')
     print(markdown_table(['layer', 'norm', 'eval ms', 'eval / BN (min-max)',
                           'train fwd+bwd ms', 'train / BN (min-max)'], rows))
     total_rows = [[KINDS[kind], f'{evals_ms:.2f}', f'{trains_ms:.2f}']
                   for kind, (evals_ms, trains_ms) in totals.items()]
-    print('\nThe 14 CE positions of CE-ResNet-50 in total (1 stem + 3 + 4 + 6 layers, '
+    counts = [count for *_, count in SHAPES]
+    print(f'\nThe {sum(counts)} CE positions of CE-ResNet-50 in total '
+          f'({" + ".join(map(str, counts))} layers, '
           "each shape's median ms times its count):\n")
     print(markdown_table(['norm', 'eval ms', 'train fwd+bwd ms'], total_rows))
 
