@@ -3,7 +3,8 @@ world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
-        [--kinds BN CE SyncCE released floor] [--memory-repeat 3] [--norm GN]
+        [--kinds BN CE SyncCE released floor floor+gate] [--memory-repeat 3]
+        [--norm GN]
     python tools/benchmarks/bench_backbones.py --compile [--kinds BN CE floor]
         [--compile-backend inductor] [--warm-cache] ...
 
@@ -24,6 +25,14 @@ require grad, so that the floor's train step also computes the map gradient
 (``dM = g x^T``, ``dc``) that a real CE layer needs: its maps depend on the
 input and the parameters, also under ``norm_eval=True``. ``build`` checks that
 every CE layer was replaced.
+
+``floor+gate`` is a tighter lower bound: the floor plus the least that an
+exact CE layer must also run, one pass over its input for per-sample
+statistics (a sum over ``H*W``) and the AII gate's two GEMMs on them, whose
+output enters the maps (so a train step also computes the gate's weight
+gradients and the statistics' input gradient). It assumes that the
+statistics cannot be taken inside the convolution that produces the input
+(no PyTorch op on the CPU does that).
 
 ``--norm GN`` builds every backbone with GN (32 groups) instead of BN: the
 plain ResNet with GN, and CE after GN at the CE positions
@@ -51,6 +60,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common import (interleaved_times, machine_line, markdown_table, median_ms,
@@ -58,7 +68,7 @@ from common import (interleaved_times, machine_line, markdown_table, median_ms,
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.layers import CELayer
-from cenet_mmdet.ops import apply_maps
+from cenet_mmdet.ops import GradientLink, apply_maps
 from cenet_mmdet.testing.released_ce import swap_in_released_ce
 from mmdet.registry import MODELS
 
@@ -68,6 +78,7 @@ KINDS = {
     'SyncCE': 'CEResNet (SyncCE, ws=1)',
     'released': 'CEResNet (released autograd)',
     'floor': 'CE maps only (lower bound)',
+    'floor+gate': 'CE maps + gate + one pass (lower bound)',
 }
 
 
@@ -81,28 +92,86 @@ class MapsOnly(nn.Module):
         self.groups, self.size = layer.ce.num_groups, layer.ce.group_size
         self.maps = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+    def leaves(self, x: torch.Tensor):
+        """The maps ``(N, G, d, d)`` and biases ``(N, G, d, 1)`` for ``x``'s
+        batch size, dtype and device (created once, requiring grad)."""
+        n = x.size(0)
         key = (n, x.dtype, x.device)
         if key not in self.maps:
             eye = torch.eye(self.size, dtype=x.dtype, device=x.device)
             self.maps[key] = (
                 (0.5 * eye.repeat(n, self.groups, 1, 1)).requires_grad_(),
                 x.new_zeros(n, self.groups, self.size, 1).requires_grad_())
-        matrix, bias = self.maps[key]
+        return self.maps[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        matrix, bias = self.leaves(x)
         # (N, C, H, W) -> (N, G, d, H*W): a free view
         x_grouped = x.reshape(n, self.groups, self.size, h * w)
         return apply_maps(matrix, bias, x_grouped, x.shape)
 
 
-def swap_in_maps_only(model: nn.Module) -> int:
-    """Replace every CE layer by :class:`MapsOnly`; how many were replaced
-    (an error if any CE layer is left)."""
+class _LinkedSums(torch.autograd.Function):
+    """``x -> sum_l x_l`` over the last dim; the backward adds its broadcast
+    gradient in place into the maps' input gradient when handed over (as a
+    CE layer's moments do, :class:`~cenet_mmdet.ops.GradientLink`)."""
+
+    @staticmethod
+    def forward(ctx, x_grouped: torch.Tensor, link: GradientLink) -> torch.Tensor:
+        ctx.save_for_backward(x_grouped)
+        ctx.link = link
+        return x_grouped.sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad_sums: torch.Tensor):
+        x_grouped, = ctx.saved_tensors
+        handed = ctx.link.take(x_grouped) if ctx.link is not None else None
+        term = grad_sums.unsqueeze(-1)  # (N, G, d, 1)
+        if handed is None:
+            return term.expand_as(x_grouped).clone(), None
+        return handed.add_(term), None
+
+
+class GatedMapsOnly(MapsOnly):
+    """:class:`MapsOnly` plus the least that any exact CE layer also runs
+    besides its maps: one pass over the input for per-sample statistics (a
+    sum over ``H*W``; a CE layer needs sums and squares, at least one pass)
+    and the AII gate's two GEMMs on them, whose ``(N, C)`` output enters the
+    maps' bias, so that a train step also computes the gate's weight
+    gradients and the statistics' input gradient (added in place, as CE
+    does). No Newton step, no fold, no second moment."""
+
+    def __init__(self, layer: CELayer) -> None:
+        super().__init__(layer)
+        self.gate = layer.ce.aii.gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        matrix, bias = self.leaves(x)
+        x_grouped = x.reshape(n, self.groups, self.size, h * w)  # a free view
+        link = None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            link = GradientLink()
+        sums = (_LinkedSums.apply(x_grouped, link) if torch.is_grad_enabled()
+                else x_grouped.sum(-1))  # (N, G, d)
+        reduce, norm, _, expand = self.gate
+        hidden = F.layer_norm(F.linear(sums.flatten(1), reduce.weight),
+                              norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        gate = torch.sigmoid(F.linear(hidden.relu(), expand.weight))  # (N, C)
+        bias = bias + gate.view(n, self.groups, self.size, 1)
+        return apply_maps(matrix, bias, x_grouped, x.shape, link)
+
+
+def swap_in_maps_only(model: nn.Module, floor: type = MapsOnly) -> int:
+    """Replace every CE layer by ``floor`` (:class:`MapsOnly` or
+    :class:`GatedMapsOnly`); how many were replaced (an error if any CE layer
+    is left)."""
     replaced = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, CELayer):
             parent_name, _, child = name.rpartition('.')
-            setattr(model.get_submodule(parent_name), child, MapsOnly(module))
+            setattr(model.get_submodule(parent_name), child, floor(module))
             replaced += 1
     left = [name for name, module in model.named_modules()
             if isinstance(module, CELayer)]
@@ -135,9 +204,10 @@ def build(kind: str, depth: int) -> nn.Module:
     model = MODELS.build(cfg)
     if kind == 'released':
         swap_in_released_ce(model)
-    if kind == 'floor':
+    if kind in ('floor', 'floor+gate'):
         expected = model.num_ce_layers
-        replaced = swap_in_maps_only(model)
+        replaced = swap_in_maps_only(
+            model, GatedMapsOnly if kind == 'floor+gate' else MapsOnly)
         if replaced != expected or not replaced:
             raise RuntimeError(f'floor: replaced {replaced} of {expected} CE layers')
     return model
