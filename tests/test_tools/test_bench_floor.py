@@ -5,6 +5,7 @@ import importlib.util
 import os.path as osp
 import sys
 
+import pytest
 import torch
 
 import cenet_mmdet  # noqa: F401
@@ -207,3 +208,38 @@ def test_bench_layers_spatial_overrides_every_shape(monkeypatch, capsys):
     out = capsys.readouterr().out
     for name, channels, *_ in bench.SHAPES:
         assert f'| {name} ({channels}x2x2) | BN |' in out
+
+
+def test_compile_option_is_parsed_and_passed_to_torch_compile(monkeypatch):
+    """``--compile-option NAME=VALUE`` reads the value as a literal, refuses a
+    malformed option, and reaches every ``torch.compile`` as ``options``."""
+    import argparse
+    import types
+    bench = load_bench()
+    assert bench.compile_option('layout_optimization=False') == ('layout_optimization', False)
+    assert bench.compile_option('max_autotune=1') == ('max_autotune', 1)
+    assert bench.compile_option('cpp.simdlen=avx') == ('cpp.simdlen', 'avx')
+    for bad in ('layout_optimization', '=False'):
+        with pytest.raises(argparse.ArgumentTypeError, match='NAME=VALUE'):
+            bench.compile_option(bad)
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_compile(model, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bench.torch, 'compile', fake_compile)
+    args = types.SimpleNamespace(compile_backend='inductor',
+                                 compile_option=[('layout_optimization', False)])
+    with pytest.raises(Stop):
+        bench.compiled_times({'BN': bench.build('BN', 50)}, torch.randn(1, 3, 32, 32), args)
+    assert seen == [dict(backend='inductor', options={'layout_optimization': False})]
+    seen.clear()
+    args.compile_option = []
+    with pytest.raises(Stop):
+        bench.compiled_times({'BN': bench.build('BN', 50)}, torch.randn(1, 3, 32, 32), args)
+    assert seen == [dict(backend='inductor', options=None)]

@@ -6,7 +6,8 @@ world size 1) vs CE-ResNet built from the released transcription.
         [--kinds BN CE SyncCE released floor floor+gate] [--memory-repeat 3]
         [--norm GN]
     python tools/benchmarks/bench_backbones.py --compile [--kinds BN CE floor]
-        [--compile-backend inductor] [--warm-cache] ...
+        [--compile-backend inductor] [--compile-option NAME=VALUE]
+        [--warm-cache] ...
 
 All models of one depth are built once; every repeat times each of them once
 (interleaved, rotating order: see common.py), first in eval, then for a train
@@ -49,8 +50,11 @@ hits make a second compilation much shorter). The backbones are compiled
 one after the other in the table's order, so a kernel that a later backbone
 shares with an earlier one comes from the cache. Peak memory is not measured
 for compiled backbones (a fresh process per backbone would compile again).
+``--compile-option NAME=VALUE`` passes an Inductor option to every
+``torch.compile`` (``options=``), e.g. ``layout_optimization=False``.
 """
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -314,7 +318,9 @@ def compiled_times(models: dict, x: torch.Tensor, args) -> dict:
     for model in models.values():
         model.eval()
         prime_floor(model, x)
-    compiled = {kind: torch.compile(model, backend=args.compile_backend)
+    options = dict(args.compile_option) or None
+    compiled = {kind: torch.compile(model, backend=args.compile_backend,
+                                    options=options)
                 for kind, model in models.items()}
     results = {}
     for mode, make_fn in (('eval', eval_fn), ('train', train_fn)):
@@ -378,6 +384,19 @@ def eager_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
             for kind in kinds]
 
 
+def compile_option(text: str) -> tuple:
+    """``'NAME=VALUE'`` -> ``(NAME, VALUE)``, the value read as a Python
+    literal (``False``, ``3``) or else kept as a string."""
+    name, sep, value = text.partition('=')
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f'expected NAME=VALUE, got {text!r}')
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--depths', type=int, nargs='+', default=[50, 101])
@@ -395,6 +414,10 @@ def main() -> None:
                         help='time the backbones compiled with torch.compile')
     parser.add_argument('--compile-backend', default='inductor',
                         help='torch.compile backend (default: inductor)')
+    parser.add_argument('--compile-option', action='append', default=[],
+                        type=compile_option, metavar='NAME=VALUE',
+                        help='an Inductor option passed to torch.compile '
+                        '(repeatable), e.g. layout_optimization=False')
     parser.add_argument('--warm-cache', action='store_true',
                         help='compile with the user\'s inductor cache (default: '
                         'a fresh one, so that the compile time is the cold one)')
@@ -427,7 +450,8 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
         rows += (compiled_rows if args.compile else eager_rows)(depth, kinds, x, args)
-    what = (f'compiled (torch.compile, backend {args.compile_backend}, '
+    options = ''.join(f', {name}={value}' for name, value in args.compile_option)
+    what = (f'compiled (torch.compile, backend {args.compile_backend}{options}, '
             f'{"warm" if args.warm_cache else "fresh"} inductor cache) '
             if args.compile else '')
     print(f'Backbone benchmark, {NORM}, {what}batch {args.batch}, {args.size}x{args.size}, '
