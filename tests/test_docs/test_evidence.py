@@ -2,11 +2,12 @@
 are those of the driver's saved outputs, docs/figures/evidence/results.json and
 docs/figures/evidence-gn/results.json, and each output is consistent with
 itself (issue #21: every number comes from a command)."""
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
+
+from cenet_mmdet.testing.scripts import load_script
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 #: pair -> (folder under docs/figures, its two arms: baseline, candidate)
@@ -15,12 +16,8 @@ SAVED_RUNS = {'bn-ce': ('evidence', ('bn', 'ce')),
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location(
-        '_multi_seed_ap_docs',
-        osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py'),
+                       '_multi_seed_ap_docs')
 
 
 driver = _driver()

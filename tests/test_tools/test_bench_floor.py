@@ -1,7 +1,6 @@
 """The ``floor`` kind of tools/benchmarks/bench_backbones.py is an honest
 lower bound (issue #20, 1): every CE layer is replaced, and its train step
 computes the map gradient that a real CE layer needs."""
-import importlib.util
 import os.path as osp
 import sys
 
@@ -10,6 +9,7 @@ import torch
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.layers import CE
+from cenet_mmdet.testing import scripts
 
 BENCH = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                  'tools', 'benchmarks')
@@ -17,15 +17,8 @@ BENCH = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
 
 def load_script(name: str):
     """``tools/benchmarks/<name>.py`` as a module (it imports its siblings)."""
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location(
-            f'_{name}', osp.join(BENCH, f'{name}.py'))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(BENCH)
-    return module
+    return scripts.load_script(osp.join(BENCH, f'{name}.py'), f'_{name}',
+                               with_siblings=True)
 
 
 def load_bench():

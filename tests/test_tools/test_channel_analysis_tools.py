@@ -19,7 +19,6 @@ channels) with planted weights, on 3 synthetic images:
   any model is loaded, nothing written).
 """
 import glob
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 pytest.importorskip('mmdet')
 from tiny_detector import write_tiny_config  # noqa: E402
 
+from cenet_mmdet.testing.scripts import load_script  # noqa: E402
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 HERE = osp.dirname(osp.abspath(__file__))
 TOOLS = osp.join(REPO, 'tools', 'analysis_tools')
@@ -43,11 +44,7 @@ TIMEOUT = 300
 
 
 def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f'cenet_tool_{name}', osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(osp.join(TOOLS, f'{name}.py'), f'cenet_tool_{name}')
 
 
 def run(cmd: List[str], cwd: str, env: Dict[str, str]) -> str:

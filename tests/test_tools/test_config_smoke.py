@@ -22,7 +22,6 @@ that trainable weights moved while frozen ones did not, then runs the test
 loop: the COCO metric (bbox, and segm for mask heads) must have been computed.
 A few seconds per case on 2 cores.
 """
-import importlib.util
 import math
 import os.path as osp
 
@@ -35,6 +34,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 
 from cenet_mmdet.models.layers import CELayer  # noqa: E402
+from cenet_mmdet.testing.scripts import load_script  # noqa: E402
 from test_configs import CFG_DIR, COCO_CONFIGS, NEW_DETECTORS  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -163,11 +163,8 @@ class LossRecorder(Hook):
 def shapes(tmp_path_factory):
     """4 training and 2 validation images of 64 px."""
     root = str(tmp_path_factory.mktemp('config_smoke') / 'synthetic_shapes')
-    spec = importlib.util.spec_from_file_location(
-        'make_synthetic_coco',
-        osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
+                         'make_synthetic_coco')
     module.main([root, '--train', '4', '--val', '2', '--size', str(SIZE),
                  '--seed', '0'])
     return root

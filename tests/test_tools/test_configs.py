@@ -10,7 +10,6 @@ built on CPU (``init_cfg=None``) and run forward. A few training iterations of
 the new detectors on the synthetic set: ``test_config_smoke.py``.
 """
 import ast
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -28,6 +27,7 @@ from torch import nn  # noqa: E402
 import cenet_mmdet  # noqa: E402,F401
 from cenet_mmdet.models.layers import (CE, CELayer, GroupNormCE,  # noqa: E402
                                        SyncCE, SyncGroupNormCE)
+from cenet_mmdet.testing.scripts import load_script  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CFG_DIR = osp.join(REPO, 'configs', 'cenet')
@@ -550,11 +550,7 @@ def test_in1k_gn_classifier_trains_into_the_gn_detector(tmp_path, monkeypatch):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location(
-        'cenet_tools_train', osp.join(REPO, 'tools', 'train.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(osp.join(REPO, 'tools', 'train.py'), 'cenet_tools_train')
 
 
 def test_missing_backbone_checkpoint_names_the_converter(tmp_path, monkeypatch):

@@ -1,22 +1,20 @@
 """tools/analysis_tools/first_step_grad_norms.py: per-part gradient norms
 against a direct computation, and its refusal of unknown part names."""
-import importlib.util
 import os.path as osp
 
 import pytest
 import torch
 from torch import nn
 
+from cenet_mmdet.testing.scripts import load_script
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location(
-        'cenet_first_step_grad_norms',
-        osp.join(REPO, 'tools', 'analysis_tools', 'first_step_grad_norms.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(
+        osp.join(REPO, 'tools', 'analysis_tools', 'first_step_grad_norms.py'),
+        'cenet_first_step_grad_norms')
 
 
 class _Detector(nn.Module):

@@ -1,6 +1,5 @@
 """tools/benchmarks/multi_seed_ap.py: its statistics on known answers, and a
 2-seed run at a tiny budget (issue #21)."""
-import importlib.util
 import json
 import math
 import os.path as osp
@@ -8,15 +7,14 @@ import random
 
 import pytest
 
+from cenet_mmdet.testing.scripts import load_script
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SCRIPT = osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py')
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location('_multi_seed_ap', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, '_multi_seed_ap')
 
 
 driver = load_driver()
