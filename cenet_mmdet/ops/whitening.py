@@ -111,7 +111,7 @@ def contiguous_for_compiler(tensor: Tensor) -> Tensor:
     inherit that order. An ``(N, G, d, L)`` view of such a tensor reaches
     ``bmm`` as ``(N*G, d, L)`` with strides that no batched GEMM accepts, and
     ATen then copies every ``(d, L)`` matrix apart: in a compiled
-    CE-ResNet-50 train step these copies took a third of the time
+    CE-ResNet-50 train step these copies took about a fifth of the time
     (docs/performance.md). Enforcing the strides costs at most one layout
     conversion, fused into the kernel that produces the tensor. (An eager
     ``.contiguous()`` would be dropped by the compiler: traced, the tensor

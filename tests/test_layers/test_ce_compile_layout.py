@@ -7,7 +7,7 @@ outputs the channels-last order, and pointwise ops after them inherit it. An
 strides that no batched GEMM accepts, and ATen then copies every ``(d, L)``
 matrix apart: one ``aten::copy_`` of a 2-D ``(d, L)`` or ``(L, d)`` tensor
 per sample and group, in the application's forward and in its backward. In a
-compiled CE-ResNet-50 train step these copies took a third of the time.
+compiled CE-ResNet-50 train step these copies took about a fifth of the time.
 :func:`cenet_mmdet.ops.whitening.contiguous_for_compiler` enforces the
 contiguous strides of the GEMMs' activation-sized inputs.
 

@@ -167,6 +167,10 @@ class GatedMapsOnly(MapsOnly):
         return apply_maps(matrix, bias, x_grouped, x.shape, link)
 
 
+#: the lower-bound kinds and the module each puts in place of a CE layer
+FLOORS = {'floor': MapsOnly, 'floor+gate': GatedMapsOnly}
+
+
 def swap_in_maps_only(model: nn.Module, floor: type = MapsOnly) -> int:
     """Replace every CE layer by ``floor`` (:class:`MapsOnly` or
     :class:`GatedMapsOnly`); how many were replaced (an error if any CE layer
@@ -208,10 +212,9 @@ def build(kind: str, depth: int) -> nn.Module:
     model = MODELS.build(cfg)
     if kind == 'released':
         swap_in_released_ce(model)
-    if kind in ('floor', 'floor+gate'):
+    if kind in FLOORS:
         expected = model.num_ce_layers
-        replaced = swap_in_maps_only(
-            model, GatedMapsOnly if kind == 'floor+gate' else MapsOnly)
+        replaced = swap_in_maps_only(model, FLOORS[kind])
         if replaced != expected or not replaced:
             raise RuntimeError(f'floor: replaced {replaced} of {expected} CE layers')
     return model
