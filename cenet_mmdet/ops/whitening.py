@@ -125,6 +125,45 @@ def contiguous_for_compiler(tensor: Tensor) -> Tensor:
         tensor, torch._prims_common.make_contiguous_strides_for(tensor.shape))
 
 
+def _gemm_operand(x_grouped: Tensor) -> Tensor:
+    """The ``(N*G, d, L)`` matrices of ``x_grouped`` ``(N, G, d, L)``, as the
+    batched GEMMs take them and as the Functions save them for the backward
+    (a free view in eager mode; compiled, see :func:`contiguous_for_compiler`).
+
+    Saved three-dimensional on purpose: Inductor lays out every 4-D tensor
+    that a compiled forward saves after a convolution as channels-last,
+    which for ``(N, G, d, L)`` puts ``G`` innermost, so the shifted input
+    was written twice, once that way for the backward and once contiguous
+    for the GEMMs. The backward formulas below therefore work on the 3-D
+    operand only (docs/performance.md).
+    """
+    n, groups, size, positions = x_grouped.shape
+    # (N, G, d, L) -> (N*G, d, L)
+    return contiguous_for_compiler(x_grouped.reshape(n * groups, size, positions))
+
+
+def _save_operand(ctx, x_grouped: Tensor, *others: Tensor,
+                  x_flat: Optional[Tensor] = None) -> None:
+    """Save ``others`` and the GEMM operand for the backward: the input
+    itself in eager mode (a view made inside a Function's forward would cut
+    a double backward off from it), the 3-D operand ``x_flat`` (made here
+    when None) when compiled."""
+    operand = x_grouped
+    if torch.compiler.is_compiling():
+        operand = _gemm_operand(x_grouped) if x_flat is None else x_flat
+    ctx.save_for_backward(*others, operand)
+    ctx.grouped_shape = x_grouped.shape
+
+
+def _saved_operand(ctx) -> Tuple[Tensor, ...]:
+    """What :func:`_save_operand` saved: ``others`` and the operand as
+    ``(N*G, d, L)`` (``ctx.saved_tensors`` is unpacked once: a checkpointed
+    layer allows no more)."""
+    n, groups, size, positions = ctx.grouped_shape
+    *others, operand = ctx.saved_tensors
+    return (*others, operand.reshape(n * groups, size, positions))
+
+
 def _instance_moments(x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
     sums = x_grouped.sum(dim=-1)
     return sums, torch.linalg.vector_norm(x_grouped, dim=-1).square()
@@ -138,24 +177,34 @@ class _InstanceMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_grouped: Tensor,
                 link: Optional[GradientLink]) -> Tuple[Tensor, Tensor]:
-        ctx.save_for_backward(x_grouped)
+        _save_operand(ctx, x_grouped)
         ctx.link = link
         return _instance_moments(x_grouped)
 
     @staticmethod
     def backward(ctx, grad_sums: Optional[Tensor],
                  grad_squares: Optional[Tensor]):
-        x_grouped, = ctx.saved_tensors
-        grad = ctx.link.take(x_grouped) if ctx.link is not None else None
-        # (N, G, d, 1) terms broadcast over L, added in place where possible
+        x_flat, = _saved_operand(ctx)  # (N*G, d, L)
+        term_shape = x_flat.shape[:2] + (1, )  # (N*G, d, 1)
+        grad = _take_flat(ctx, x_flat)
+        # (N*G, d, 1) terms broadcast over L, added in place where possible
         # (``addcmul`` with a broadcast first operand expands and copies it).
         if grad_squares is not None:
-            term = (2 * grad_squares).unsqueeze(-1)
-            grad = x_grouped * term if grad is None else grad.addcmul_(x_grouped, term)
+            term = (2 * grad_squares).reshape(term_shape)
+            grad = x_flat * term if grad is None else grad.addcmul_(x_flat, term)
         if grad_sums is not None:
-            term = grad_sums.unsqueeze(-1)
-            grad = term.expand_as(x_grouped).clone() if grad is None else grad.add_(term)
-        return grad, None
+            term = grad_sums.reshape(term_shape)
+            grad = term.expand_as(x_flat).clone() if grad is None else grad.add_(term)
+        return (None if grad is None else grad.view(ctx.grouped_shape)), None
+
+
+def _take_flat(ctx, x_flat: Tensor) -> Optional[Tensor]:
+    """The gradient handed over through ``ctx.link`` as ``(N*G, d, L)``, or
+    None."""
+    if ctx.link is None:
+        return None
+    grad = ctx.link.take(x_flat.view(ctx.grouped_shape))
+    return None if grad is None else grad.view(x_flat.shape)
 
 
 class _GroupMoments(torch.autograd.Function):
@@ -169,39 +218,37 @@ class _GroupMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_grouped: Tensor,
                 link: Optional[GradientLink]) -> Tuple[Tensor, Tensor]:
-        ctx.save_for_backward(x_grouped)
+        n, groups, size, _ = x_grouped.shape
+        x_flat = _gemm_operand(x_grouped)
+        _save_operand(ctx, x_grouped, x_flat=x_flat)
         ctx.link = link
         sums = x_grouped.sum(dim=-1)
-        x_grouped = contiguous_for_compiler(x_grouped)
-        # (N, G, d, L) @ (N, G, L, d) -> (N, G, d, d): one batched matmul, no copy.
-        gram = torch.matmul(x_grouped, x_grouped.transpose(-1, -2))
+        # (N*G, d, L) @ (N*G, L, d) -> (N*G, d, d): one batched matmul, no copy.
+        gram = torch.bmm(x_flat, x_flat.transpose(1, 2)).view(n, groups, size, size)
         return sums, gram
 
     @staticmethod
     def backward(ctx, grad_sums: Optional[Tensor],
                  grad_gram: Optional[Tensor]):
-        x_grouped, = ctx.saved_tensors
-        n, groups, size, positions = x_grouped.shape
-        handed = ctx.link.take(x_grouped) if ctx.link is not None else None
+        x_flat, = _saved_operand(ctx)  # (N*G, d, L)
+        batch, size, _ = x_flat.shape
+        term_shape = (batch, size, 1)
+        handed = _take_flat(ctx, x_flat)
         if grad_gram is None:
-            term = grad_sums.unsqueeze(-1)  # (N, G, d, 1)
+            term = grad_sums.reshape(term_shape)
             if handed is None:
-                return term.expand_as(x_grouped).clone(), None
-            return handed.add_(term), None
-        symmetric = grad_gram + grad_gram.transpose(-1, -2)  # (N, G, d, d)
-        x_grouped = contiguous_for_compiler(x_grouped)
-        if grad_sums is None:
-            grad_sums = grad_gram.new_zeros(n, groups, size)
+                return term.expand_as(x_flat).clone().view(ctx.grouped_shape), None
+            return handed.add_(term).view(ctx.grouped_shape), None
+        # (N, G, d, d) -> (N*G, d, d)
+        symmetric = (grad_gram + grad_gram.transpose(-1, -2)).reshape(batch, size, size)
+        sums_term = (grad_gram.new_zeros(term_shape) if grad_sums is None
+                     else grad_sums.reshape(term_shape))
         # (N*G, d, d) @ (N*G, d, L) + (N*G, d, 1) -> (N*G, d, L)
-        batch_shape = (n * groups, size, positions)
         if handed is None:
-            grad = torch.baddbmm(grad_sums.reshape(n * groups, size, 1),
-                                 symmetric.reshape(n * groups, size, size),
-                                 x_grouped.reshape(batch_shape))
-            return grad.view(n, groups, size, positions), None
-        handed.view(batch_shape).baddbmm_(symmetric.reshape(n * groups, size, size),
-                                          x_grouped.reshape(batch_shape))
-        return handed.add_(grad_sums.unsqueeze(-1)), None
+            grad = torch.baddbmm(sums_term, symmetric, x_flat)
+            return grad.view(ctx.grouped_shape), None
+        handed.baddbmm_(symmetric, x_flat)
+        return handed.add_(sums_term).view(ctx.grouped_shape), None
 
 
 def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
@@ -233,19 +280,16 @@ def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
     if needs_grad:
         return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape),
                                 _eager_link(link))
-    return _apply_maps(matrix, bias, x_grouped, out_shape)
+    return _apply_flat(matrix, bias, _gemm_operand(x_grouped), out_shape)
 
 
-def _apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
+def _apply_flat(matrix: Tensor, bias: Tensor, x_flat: Tensor,
                 out_shape: Sequence[int]) -> Tensor:
-    x_grouped = contiguous_for_compiler(x_grouped)
-    n, groups, size, positions = x_grouped.shape
-    out = x_grouped.new_empty(out_shape)
+    batch, size, positions = x_flat.shape
+    out = x_flat.new_empty(out_shape)
     # (N*G, d, 1) + (N*G, d, d) @ (N*G, d, L) -> (N*G, d, L), written into out
-    torch.baddbmm(bias.reshape(n * groups, size, 1),
-                  matrix.reshape(n * groups, size, size),
-                  x_grouped.reshape(n * groups, size, positions),
-                  out=out.view(n * groups, size, positions))
+    torch.baddbmm(bias.reshape(batch, size, 1), matrix.reshape(batch, size, size),
+                  x_flat, out=out.view(batch, size, positions))
     return out
 
 
@@ -257,24 +301,23 @@ class _ApplyMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: Tensor, bias: Tensor, x_grouped: Tensor,
                 out_shape: Tuple[int, ...], link: Optional[GradientLink]) -> Tensor:
-        ctx.save_for_backward(matrix, x_grouped)
+        x_flat = _gemm_operand(x_grouped)
+        _save_operand(ctx, x_grouped, matrix, x_flat=x_flat)
         ctx.link = link
-        return _apply_maps(matrix, bias, x_grouped, out_shape)
+        return _apply_flat(matrix, bias, x_flat, out_shape)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        matrix, x_grouped = ctx.saved_tensors
-        n, groups, size, positions = x_grouped.shape
+        matrix, x_flat = _saved_operand(ctx)
+        n, groups, size, positions = ctx.grouped_shape
         batch = n * groups
         # (N, C, H, W) -> (N*G, d, L); compiled, in its contiguous layout
         grad_flat = contiguous_for_compiler(grad_out).reshape(batch, size, positions)
-        x_grouped = contiguous_for_compiler(x_grouped)
         grad_matrix = grad_bias = grad_x = None
         if ctx.needs_input_grad[0]:
             # (N*G, d, L) @ (N*G, L, d) -> (N*G, d, d)
-            grad_matrix = torch.bmm(
-                grad_flat, x_grouped.reshape(batch, size, positions).transpose(1, 2)
-            ).view(n, groups, size, size)
+            grad_matrix = torch.bmm(grad_flat, x_flat.transpose(1, 2)
+                                    ).view(n, groups, size, size)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_flat.sum(-1, keepdim=True).view(n, groups, size, 1)
         if ctx.needs_input_grad[2]:
@@ -283,9 +326,9 @@ class _ApplyMaps(torch.autograd.Function):
             # the moments' gradient into it in place
             matrix_t = matrix.reshape(batch, size, size).transpose(1, 2)
             if torch.is_grad_enabled():  # create_graph=True: no out= writes
-                grad_x = torch.bmm(matrix_t, grad_flat).view(x_grouped.shape)
+                grad_x = torch.bmm(matrix_t, grad_flat).view(ctx.grouped_shape)
             else:
-                grad_x = x_grouped.new_empty(x_grouped.shape)
+                grad_x = x_flat.new_empty(ctx.grouped_shape)
                 torch.bmm(matrix_t, grad_flat, out=grad_x.view(batch, size, positions))
             # The moments' backward (which follows: the matrix depends on the
             # moments) adds its term and returns the total.
