@@ -84,7 +84,7 @@ def sample_moments(x_grouped: Tensor,
     if with_gram:
         return _GroupMoments.apply(x_grouped, link)
     if _exporting() or not (torch.is_grad_enabled() and x_grouped.requires_grad):
-        return _instance_moments(x_grouped)
+        return _instance_moments(_moment_source(x_grouped))
     return _InstanceMoments.apply(x_grouped, link)
 
 
@@ -164,6 +164,16 @@ def _saved_operand(ctx) -> Tuple[Tensor, ...]:
     return (*others, operand.reshape(n * groups, size, positions))
 
 
+def _moment_source(x_grouped: Tensor) -> Tensor:
+    """``x_grouped`` in eager mode; compiled, the GEMM operand viewed as
+    ``(N, G, d, L)``, so that Inductor writes that operand and takes the
+    moments from it in one pass over the input (from the input itself, the
+    moments were a second pass)."""
+    if not torch.compiler.is_compiling():
+        return x_grouped
+    return _gemm_operand(x_grouped).view(x_grouped.shape)
+
+
 def _instance_moments(x_grouped: Tensor) -> Tuple[Tensor, Tensor]:
     sums = x_grouped.sum(dim=-1)
     return sums, torch.linalg.vector_norm(x_grouped, dim=-1).square()
@@ -179,7 +189,7 @@ class _InstanceMoments(torch.autograd.Function):
                 link: Optional[GradientLink]) -> Tuple[Tensor, Tensor]:
         _save_operand(ctx, x_grouped)
         ctx.link = link
-        return _instance_moments(x_grouped)
+        return _instance_moments(_moment_source(x_grouped))
 
     @staticmethod
     def backward(ctx, grad_sums: Optional[Tensor],
