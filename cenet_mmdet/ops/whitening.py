@@ -83,7 +83,9 @@ def sample_moments(x_grouped: Tensor,
     link = _eager_link(link)
     if with_gram:
         return _GroupMoments.apply(x_grouped, link)
-    if _exporting() or not (torch.is_grad_enabled() and x_grouped.requires_grad):
+    if _exporting():
+        return _instance_moments(x_grouped)
+    if not (torch.is_grad_enabled() and x_grouped.requires_grad):
         return _instance_moments(_moment_source(x_grouped))
     return _InstanceMoments.apply(x_grouped, link)
 
@@ -103,8 +105,8 @@ def _exporting() -> bool:
 
 
 def contiguous_for_compiler(tensor: Tensor) -> Tensor:
-    """``tensor`` as is in eager mode; under ``torch.compile``, with its
-    contiguous strides enforced.
+    """``tensor`` as is in eager mode and under ``torch.export``; under
+    ``torch.compile``, with its contiguous strides enforced.
 
     Inductor's layout optimization (on by default on the CPU) gives the
     convolutions channels-last outputs and lets the pointwise ops after them
@@ -116,10 +118,11 @@ def contiguous_for_compiler(tensor: Tensor) -> Tensor:
     conversion, fused into the kernel that produces the tensor. (An eager
     ``.contiguous()`` would be dropped by the compiler: traced, the tensor
     already is contiguous.) Called inside the autograd Functions' forward
-    and backward only: the prim has no autograd formula.
+    and backward, or on tensors that need no gradient: the prim has no
+    autograd formula.
     """
-    if not torch.compiler.is_compiling():
-        return tensor
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return tensor  # (an exported program must not hold an Inductor prim)
     from torch._inductor import inductor_prims  # noqa: F401 (registers the prim)
     return torch.ops.prims.inductor_force_stride_order(
         tensor, torch._prims_common.make_contiguous_strides_for(tensor.shape))
