@@ -20,8 +20,8 @@ conv -> CE (running statistics with gradients, the ``norm_eval=True`` path)
 runs one forward and backward under ``torch.profiler``: no 2-D copy of a
 ``(d, L)`` matrix, one forward and one backward graph in which every
 ``(N, G, d, L)`` and ``(N*G, d, L)`` tensor is contiguous, and the output,
-the input gradient and every parameter gradient equal the eager model's. Inductor compiles C++ here
-(about 20 s on 2 cores with an empty cache).
+the input gradient and every parameter gradient equal the eager model's.
+Inductor compiles C++ here (about 20 s on 2 cores with an empty cache).
 """
 import copy
 import re
@@ -29,8 +29,8 @@ import re
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
-from torch._inductor.utils import run_and_get_code
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 from torch.profiler import ProfilerActivity, profile
 
 import cenet_mmdet  # noqa: F401
@@ -75,10 +75,10 @@ def contiguous_strides(shape: tuple) -> tuple:
 def layouts_of(shape: tuple, code: str) -> set:
     """The strides of every buffer or view of ``shape`` in Inductor's
     generated code, but broadcasts (a stride 0: the GEMMs' ``(N*G, d, 1)``
-    biases expanded over ``L``). A 4-D tensor that a compiled forward saves after a
-    convolution is laid out channels-last (for ``(N, G, d, L)``: ``G``
-    innermost), which no GEMM takes: the shifted input was then written
-    twice, that way for the backward and contiguous for the GEMMs."""
+    biases expanded over ``L``). A 4-D tensor that a compiled forward saves
+    after a convolution is laid out channels-last (for ``(N, G, d, L)``:
+    ``G`` innermost), which no GEMM takes: the shifted input was then
+    written twice, that way for the backward and contiguous for the GEMMs."""
     sizes = ', '.join(str(size) for size in shape)
     layouts = {tuple(int(stride) for stride in match.split(','))
                for match in re.findall(rf'\({sizes}\), \(([0-9, ]+)\)', code)}
