@@ -81,6 +81,49 @@ def test_gated_floor_is_the_floor_plus_one_pass_and_the_gate():
     assert reduce.weight.grad.abs().sum() > 0 and expand.weight.grad.abs().sum() > 0
 
 
+def test_moments_floor_is_the_gated_floor_with_both_moments():
+    """``floor+moments``: every CE layer replaced by the maps plus both
+    per-sample moments and the AII gate on the sums of squared deviations
+    ``Q - S^2 / L``, added into the maps' bias. Output and every gradient
+    (input, maps, gate weights) equal a plain autograd reference, in a train
+    step and without gradients; the moments' one-pass backward, handed over
+    in place, is not a shortcut (the gradient through them is not zero)."""
+    import torch.nn.functional as F
+    bench = load_bench()
+    model = bench.build('floor+moments', 50)
+    assert sum(isinstance(m, bench.MomentsMapsOnly) for m in model.modules()) == 14
+    assert not any(isinstance(m, CE) for m in model.modules())
+
+    torch.manual_seed(0)
+    layer = bench.MomentsMapsOnly(CE(32, group_size=8))
+    x = (torch.randn(2, 32, 3, 4) + 2).requires_grad_()
+    grad = torch.randn(2, 32, 3, 4)
+    out = layer(x)
+    out.backward(grad)
+    (matrix, bias), = layer.maps.values()
+    reduce, norm, _, expand = layer.gate
+    leaves = [t.detach().clone().requires_grad_() for t in (
+        x, matrix, bias, reduce.weight, norm.weight, norm.bias, expand.weight)]
+    x_ref, matrix_ref, bias_ref, w1, ln_w, ln_b, w2 = leaves
+    grouped = x_ref.reshape(2, 4, 8, 12)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    deviations = (centred * centred).sum(-1).flatten(1)  # (N, C), two-pass
+    gate = torch.sigmoid(F.linear(F.layer_norm(
+        F.linear(deviations, w1), (8, ), ln_w, ln_b).relu(), w2))
+    expected = (matrix_ref @ grouped + bias_ref + gate.view(2, 4, 8, 1)).reshape(x.shape)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    for actual, reference in zip(
+            (x, matrix, bias, reduce.weight, norm.weight, norm.bias, expand.weight),
+            leaves):
+        torch.testing.assert_close(actual.grad, reference.grad, rtol=1e-4, atol=1e-5)
+    through_moments = x.grad - (matrix.transpose(-1, -2) @ grad.reshape(2, 4, 8, 12)
+                                ).reshape(x.shape)
+    assert through_moments.abs().max() > 1e-3
+
+
 def test_norm_gn_builds_every_kind_with_gn(monkeypatch):
     """``--norm GN``: the plain ResNet has GN everywhere, CEResNet has GN + CE
     (GroupNormCE) at the 14 CE positions, the floor replaces all 14."""

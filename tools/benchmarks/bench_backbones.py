@@ -3,7 +3,8 @@ world size 1) vs CE-ResNet built from the released transcription.
 
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
-        [--kinds BN CE SyncCE released floor floor+gate] [--memory-repeat 3]
+        [--kinds BN CE SyncCE released floor floor+gate floor+moments]
+        [--memory-repeat 3]
         [--norm GN]
     python tools/benchmarks/bench_backbones.py --compile [--kinds BN CE floor]
         [--compile-backend inductor] [--compile-option NAME=VALUE]
@@ -34,6 +35,14 @@ output enters the maps (so a train step also computes the gate's weight
 gradients and the statistics' input gradient). It assumes that the
 statistics cannot be taken inside the convolution that produces the input
 (no PyTorch op on the CPU does that).
+
+``floor+moments`` is the least with PyTorch's CPU ops as they are: the
+``floor+gate`` with both per-sample moments that the AII variance needs,
+taken by CE's own ``sample_moments`` (``sum`` and ``vector_norm``: two
+passes; ``torch.var_mean`` and ``layer_norm`` are slower), the gate on the
+sums of squared deviations. A single fused pass for both moments would
+undercut it, so it bounds implementations made of ATen ops, not every exact
+implementation. CE's time beyond it is its own glue (BN scale, fold, check).
 
 ``--norm GN`` builds every backbone with GN (32 groups) instead of BN: the
 plain ResNet with GN, and CE after GN at the CE positions
@@ -72,7 +81,7 @@ from common import (interleaved_times, machine_line, markdown_table, median_ms,
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.layers import CELayer
-from cenet_mmdet.ops import GradientLink, apply_maps
+from cenet_mmdet.ops import GradientLink, apply_maps, sample_moments
 from cenet_mmdet.testing.released_ce import swap_in_released_ce
 from mmdet.registry import MODELS
 
@@ -83,6 +92,7 @@ KINDS = {
     'released': 'CEResNet (released autograd)',
     'floor': 'CE maps only (lower bound)',
     'floor+gate': 'CE maps + gate + one pass (lower bound)',
+    'floor+moments': 'CE maps + gate + both moments (ATen bound)',
 }
 
 
@@ -159,16 +169,41 @@ class GatedMapsOnly(MapsOnly):
             link = GradientLink()
         sums = (_LinkedSums.apply(x_grouped, link) if torch.is_grad_enabled()
                 else x_grouped.sum(-1))  # (N, G, d)
+        bias = bias + self.gated(sums).view(n, self.groups, self.size, 1)
+        return apply_maps(matrix, bias, x_grouped, x.shape, link)
+
+    def gated(self, statistics: torch.Tensor) -> torch.Tensor:
+        """The AII gate ``(N, C)`` on per-sample statistics ``(N, G, d)``."""
         reduce, norm, _, expand = self.gate
-        hidden = F.layer_norm(F.linear(sums.flatten(1), reduce.weight),
+        hidden = F.layer_norm(F.linear(statistics.flatten(1), reduce.weight),
                               norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        gate = torch.sigmoid(F.linear(hidden.relu(), expand.weight))  # (N, C)
-        bias = bias + gate.view(n, self.groups, self.size, 1)
+        return torch.sigmoid(F.linear(hidden.relu(), expand.weight))
+
+
+class MomentsMapsOnly(GatedMapsOnly):
+    """:class:`GatedMapsOnly` with both per-sample moments that the AII
+    branch needs, taken by CE's own ``sample_moments`` (a sum and a
+    ``vector_norm``: two passes, since no PyTorch CPU op returns both in
+    one fast pass; a one-pass backward ``g_s + 2 g_q x`` added in place into
+    the maps' input gradient, as in CE), and the gate on the sums of squared
+    deviations ``Q - S^2 / L``. What CE runs beyond it is its own glue: the
+    BN scale, the fold of BN, whitening and AII into the maps, and the
+    accuracy check of the unshifted eval moments."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        matrix, bias = self.leaves(x)
+        x_grouped = x.reshape(n, self.groups, self.size, h * w)  # a free view
+        link = GradientLink() if torch.is_grad_enabled() else None
+        sums, squares = sample_moments(x_grouped, False, link)  # (N, G, d) each
+        deviations = torch.addcmul(squares, sums, sums, value=-1 / (h * w))
+        bias = bias + self.gated(deviations).view(n, self.groups, self.size, 1)
         return apply_maps(matrix, bias, x_grouped, x.shape, link)
 
 
 #: the lower-bound kinds and the module each puts in place of a CE layer
-FLOORS = {'floor': MapsOnly, 'floor+gate': GatedMapsOnly}
+FLOORS = {'floor': MapsOnly, 'floor+gate': GatedMapsOnly,
+          'floor+moments': MomentsMapsOnly}
 
 
 def swap_in_maps_only(model: nn.Module, floor: type = MapsOnly) -> int:
