@@ -193,7 +193,8 @@ def test_bench_layers_floor_is_the_maps_only_layer_and_totals_weight_by_count(
     assert torch.equal(floor(x), 0.5 * x)
     assert {kind: type(bench.build(kind, 32, 16)).__name__ for kind in bench.KINDS} == {
         'BN': 'BatchNorm2d', 'CE': 'CE', 'SyncCE': 'SyncCE', 'released': 'ReleasedBNCE',
-        'floor': 'MapsOnly'}
+        'floor': 'MapsOnly', 'floor+gate': 'GatedMapsOnly',
+        'floor+moments': 'MomentsMapsOnly'}
 
     # every timing 1 ms for BN, 2 ms for the floor: totals 14 and 28 ms
     monkeypatch.setattr(bench, 'SHAPES', [('a', 16, 4, 16, 5), ('b', 32, 4, 16, 9)])

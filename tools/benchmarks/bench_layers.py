@@ -3,8 +3,9 @@ transcription vs the floor, at the channel counts and sizes of ResNet-50's CE
 layers.
 
     python tools/benchmarks/bench_layers.py [--batch 4] [--repeat 15]
-        [--threads 2] [--device cpu|cuda] [--kinds BN CE SyncCE released floor]
-        [--train-stats batch|running] [--spatial 2]
+        [--threads 2] [--device cpu|cuda]
+        [--kinds BN CE SyncCE released floor floor+gate floor+moments]
+        [--train-stats batch|running] [--spatial 4]
 
 Prints a markdown table: median milliseconds for eval forward and for a train
 forward+backward, and each ratio to BN as the median of per-repeat ratios with
@@ -15,19 +16,25 @@ The train column uses batch statistics (the layers in training mode) by
 default; ``--train-stats running`` times forward+backward with running
 statistics instead, which is what ``bench_backbones.py``'s train step runs
 (MMDetection's ResNet defaults to ``norm_eval=True``). ``--spatial S`` runs
-every shape at ``S x S`` instead of its own size: at ``S = 2`` the times are
-the layers' fixed, size-independent cost.
+every shape at ``S x S`` instead of its own size: at ``S = 4`` the times are
+the layers' fixed, size-independent cost (at ``S = 2`` some ``(image,
+channel)`` of the random input have a mean too large for their 4 values'
+spread, and CE's eval takes its moments a second time, about a shift).
 
 ``floor`` is the layer of ``bench_backbones.py``'s floor (:class:`MapsOnly`):
 the fixed per-sample ``(d, d)`` maps applied, nothing else, so that CE minus
 floor is what the statistics, the gate and the fold cost per layer.
+``floor+gate`` and ``floor+moments`` are the layers of its other two bounds
+(:class:`GatedMapsOnly`, :class:`MomentsMapsOnly`): CE minus
+``floor+moments`` is what CE's own glue costs (BN scale, fold, check), at
+``--spatial 4`` its fixed cost.
 """
 import argparse
 
 import torch
 from torch import nn
 
-from bench_backbones import MapsOnly
+from bench_backbones import GatedMapsOnly, MapsOnly, MomentsMapsOnly
 from common import (interleaved_times, machine_line, markdown_table, median_ms,
                     pin_threads, ratio)
 
@@ -38,7 +45,8 @@ from cenet_mmdet.testing import ReleasedBNCE
 #: ``--kinds`` names and their labels in the table, in the table's order
 #: (BN first: the baseline)
 KINDS = {'BN': 'BN', 'CE': 'CE', 'SyncCE': 'SyncCE (ws=1)',
-         'released': 'released (autograd)', 'floor': 'floor (maps only)'}
+         'released': 'released (autograd)', 'floor': 'floor (maps only)',
+         'floor+gate': 'floor+gate', 'floor+moments': 'floor+moments'}
 
 # (name, channels, spatial size, group size, CE layers of this shape in
 # CE-ResNet-50) for a 224x224 input
@@ -54,6 +62,8 @@ def build(kind: str, channels: int, group_size: int) -> nn.Module:
         'SyncCE': lambda: SyncCE(channels, group_size=group_size),
         'released': lambda: ReleasedBNCE(channels, group_size=group_size),
         'floor': lambda: MapsOnly(CE(channels, group_size=group_size)),
+        'floor+gate': lambda: GatedMapsOnly(CE(channels, group_size=group_size)),
+        'floor+moments': lambda: MomentsMapsOnly(CE(channels, group_size=group_size)),
     }
     return builders[kind]()
 
@@ -88,8 +98,8 @@ def main() -> None:
                         help='run every shape at this height and width (default: its own)')
     parser.add_argument('--kinds', nargs='+', choices=list(KINDS),
                         default=['BN', 'CE', 'SyncCE', 'released'],
-                        help='layers to time (default: all but floor; BN, the '
-                        'baseline, is always timed)')
+                        help='layers to time (default: all but the floors; BN, '
+                        'the baseline, is always timed)')
     args = parser.parse_args()
     pin_threads(args.threads)
     torch.manual_seed(0)
