@@ -40,21 +40,26 @@ def test_floor_replaces_all_14_layers_and_differentiates_its_maps():
         assert bias.grad is not None and bias.grad.abs().sum() > 0
 
 
-def test_gated_floor_is_the_floor_plus_one_pass_and_the_gate():
-    """``floor+gate``: every CE layer replaced by the maps plus a sum over
-    ``H*W`` and the AII gate on it, added into the maps' bias. Output and
-    every gradient (input, maps, gate weights) equal a plain autograd
-    reference; the in-place hand-over of the sums' input gradient is not a
-    shortcut (the gradient through the sums is not zero)."""
+def check_gated_floor(kind: str, floor: str, offset: float, statistics,
+                      **tolerance) -> None:
+    """The bound ``kind`` replaces all 14 CE layers of CE-ResNet-50 by its
+    layer (class ``floor``), and that layer's output and every gradient
+    (input, maps, gate weights), in a train step and without gradients,
+    equal a plain autograd reference: the maps plus the AII gate on
+    ``statistics(grouped)`` ``(N, C)`` of the ``(N, G, d, L)`` input (random,
+    plus ``offset``), added
+    into the maps' bias. The in-place hand-over of the statistics' input
+    gradient is not a shortcut (the gradient through them is not zero)."""
     import torch.nn.functional as F
     bench = load_bench()
-    model = bench.build('floor+gate', 50)
-    assert sum(isinstance(m, bench.GatedMapsOnly) for m in model.modules()) == 14
+    model = bench.build(kind, 50)
+    layer_class = getattr(bench, floor)
+    assert sum(isinstance(m, layer_class) for m in model.modules()) == 14
     assert not any(isinstance(m, CE) for m in model.modules())
 
     torch.manual_seed(0)
-    layer = bench.GatedMapsOnly(CE(32, group_size=8))
-    x = torch.randn(2, 32, 3, 4, requires_grad=True)
+    layer = layer_class(CE(32, group_size=8))
+    x = (torch.randn(2, 32, 3, 4) + offset).requires_grad_()
     grad = torch.randn(2, 32, 3, 4)
     out = layer(x)
     out.backward(grad)
@@ -65,7 +70,7 @@ def test_gated_floor_is_the_floor_plus_one_pass_and_the_gate():
     x_ref, matrix_ref, bias_ref, w1, ln_w, ln_b, w2 = leaves
     grouped = x_ref.reshape(2, 4, 8, 12)
     gate = torch.sigmoid(F.linear(F.layer_norm(
-        F.linear(grouped.sum(-1).flatten(1), w1), (8, ), ln_w, ln_b).relu(), w2))
+        F.linear(statistics(grouped), w1), (8, ), ln_w, ln_b).relu(), w2))
     expected = (matrix_ref @ grouped + bias_ref + gate.view(2, 4, 8, 1)).reshape(x.shape)
     expected.backward(grad)
     torch.testing.assert_close(out, expected)
@@ -74,54 +79,30 @@ def test_gated_floor_is_the_floor_plus_one_pass_and_the_gate():
     for actual, reference in zip(
             (x, matrix, bias, reduce.weight, norm.weight, norm.bias, expand.weight),
             leaves):
-        torch.testing.assert_close(actual.grad, reference.grad)
-    through_sums = x.grad - (matrix.transpose(-1, -2) @ grad.reshape(2, 4, 8, 12)
-                             ).reshape(x.shape)
-    assert through_sums.abs().max() > 1e-3
+        torch.testing.assert_close(actual.grad, reference.grad, **tolerance)
+    through_statistics = x.grad - (matrix.transpose(-1, -2) @ grad.reshape(2, 4, 8, 12)
+                                   ).reshape(x.shape)
+    assert through_statistics.abs().max() > 1e-3
     assert reduce.weight.grad.abs().sum() > 0 and expand.weight.grad.abs().sum() > 0
 
 
-def test_moments_floor_is_the_gated_floor_with_both_moments():
-    """``floor+moments``: every CE layer replaced by the maps plus both
-    per-sample moments and the AII gate on the sums of squared deviations
-    ``Q - S^2 / L``, added into the maps' bias. Output and every gradient
-    (input, maps, gate weights) equal a plain autograd reference, in a train
-    step and without gradients; the moments' one-pass backward, handed over
-    in place, is not a shortcut (the gradient through them is not zero)."""
-    import torch.nn.functional as F
-    bench = load_bench()
-    model = bench.build('floor+moments', 50)
-    assert sum(isinstance(m, bench.MomentsMapsOnly) for m in model.modules()) == 14
-    assert not any(isinstance(m, CE) for m in model.modules())
+def test_gated_floor_is_the_floor_plus_one_pass_and_the_gate():
+    """``floor+gate``: the maps plus a sum over ``H*W`` and the AII gate on
+    it (see :func:`check_gated_floor`)."""
+    check_gated_floor('floor+gate', 'GatedMapsOnly', 0.0,
+                      lambda grouped: grouped.sum(-1).flatten(1))
 
-    torch.manual_seed(0)
-    layer = bench.MomentsMapsOnly(CE(32, group_size=8))
-    x = (torch.randn(2, 32, 3, 4) + 2).requires_grad_()
-    grad = torch.randn(2, 32, 3, 4)
-    out = layer(x)
-    out.backward(grad)
-    (matrix, bias), = layer.maps.values()
-    reduce, norm, _, expand = layer.gate
-    leaves = [t.detach().clone().requires_grad_() for t in (
-        x, matrix, bias, reduce.weight, norm.weight, norm.bias, expand.weight)]
-    x_ref, matrix_ref, bias_ref, w1, ln_w, ln_b, w2 = leaves
-    grouped = x_ref.reshape(2, 4, 8, 12)
-    centred = grouped - grouped.mean(-1, keepdim=True)
-    deviations = (centred * centred).sum(-1).flatten(1)  # (N, C), two-pass
-    gate = torch.sigmoid(F.linear(F.layer_norm(
-        F.linear(deviations, w1), (8, ), ln_w, ln_b).relu(), w2))
-    expected = (matrix_ref @ grouped + bias_ref + gate.view(2, 4, 8, 1)).reshape(x.shape)
-    expected.backward(grad)
-    torch.testing.assert_close(out, expected)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected)
-    for actual, reference in zip(
-            (x, matrix, bias, reduce.weight, norm.weight, norm.bias, expand.weight),
-            leaves):
-        torch.testing.assert_close(actual.grad, reference.grad, rtol=1e-4, atol=1e-5)
-    through_moments = x.grad - (matrix.transpose(-1, -2) @ grad.reshape(2, 4, 8, 12)
-                                ).reshape(x.shape)
-    assert through_moments.abs().max() > 1e-3
+
+def test_moments_floor_is_the_gated_floor_with_both_moments():
+    """``floor+moments``: the maps plus both per-sample moments and the AII
+    gate on the sums of squared deviations ``Q - S^2 / L`` (see
+    :func:`check_gated_floor`), against a two-pass reference."""
+    def deviations(grouped):
+        centred = grouped - grouped.mean(-1, keepdim=True)
+        return (centred * centred).sum(-1).flatten(1)  # (N, C)
+
+    check_gated_floor('floor+moments', 'MomentsMapsOnly', 2.0,
+                      deviations, rtol=1e-4, atol=1e-5)
 
 
 def test_norm_gn_builds_every_kind_with_gn(monkeypatch):
