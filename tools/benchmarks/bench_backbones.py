@@ -4,7 +4,7 @@ world size 1) vs CE-ResNet built from the released transcription.
     python tools/benchmarks/bench_backbones.py [--depths 50 101] [--batch 4]
         [--size 224] [--repeat 15] [--threads 2] [--device cpu|cuda]
         [--kinds BN CE SyncCE released floor floor+gate floor+moments]
-        [--memory-repeat 3]
+        [--memory-repeat 3] [--per-layer]
         [--norm GN]
     python tools/benchmarks/bench_backbones.py --compile [--kinds BN CE floor]
         [--compile-backend inductor] [--compile-option NAME=VALUE]
@@ -44,6 +44,15 @@ sums of squared deviations. A single fused pass for both moments would
 undercut it, so it bounds implementations made of ATen ops, not every exact
 implementation. CE's time beyond it is its own glue (BN scale, fold, check).
 
+``--per-layer`` adds a second table: the eval forward time of each CE
+position (``bn1``, ``layer1.0.bn3``, ...) inside the network, for every kind
+(BN: the BN layer at that position), timed by forward hooks in rounds of
+their own after the whole-network ones (the hooks do not touch the first
+table). It shows where a ratio's milliseconds go, in place: with the caches,
+the allocator and the neighbouring layers of the real network, which
+``bench_layers.py`` (one layer alone) cannot show. A train step's backward is
+not split by layer.
+
 ``--norm GN`` builds every backbone with GN (32 groups) instead of BN: the
 plain ResNet with GN, and CE after GN at the CE positions
 (:class:`~cenet_mmdet.models.layers.GroupNormCE`); the ratios are then to
@@ -64,6 +73,7 @@ for compiled backbones (a fresh process per backbone would compile again).
 """
 import argparse
 import ast
+import functools
 import json
 import os
 import statistics
@@ -402,7 +412,9 @@ def compiled_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
             + [f'{eval_graphs[kind]} / {train_graphs[kind]}'] for kind in kinds]
 
 
-def eager_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
+def eager_rows(depth: int, kinds, x: torch.Tensor, args, per_layer: list) -> list:
+    """The table's rows for ``depth``; with ``args.per_layer``, the rows of
+    the per-layer table are appended to ``per_layer``."""
     models = {kind: build(kind, depth).to(args.device) for kind in kinds}
     for model in models.values():
         model.eval()
@@ -414,12 +426,79 @@ def eager_rows(depth: int, kinds, x: torch.Tensor, args) -> list:
     trains = interleaved_times(
         {k: train_fn(m, x) for k, m in models.items()}, args.device,
         args.warmup, args.repeat)
+    if args.per_layer:
+        per_layer += per_layer_rows(depth, models, x, args)
     del models  # the CPU probes run in fresh processes
     memory = step_memory(kinds, depth, x, args)
     return [timing_row(depth, kind, evals, trains, args.batch,
                        '-' if memory[kind] != memory[kind] else
                        f'{memory[kind]:.0f} ({memory[kind] / memory["BN"]:.2f}x)')
             for kind in kinds]
+
+
+class ForwardClock:
+    """Wall time of every forward call of the modules at ``positions`` of
+    ``model`` (names as in ``named_modules``), kept per position in
+    :attr:`times` (s), by forward pre- and post-hooks; :meth:`remove` takes
+    the hooks off. :attr:`shapes` holds each position's input shape."""
+
+    def __init__(self, model: nn.Module, positions) -> None:
+        self.times = {name: [] for name in positions}
+        self.shapes = {}
+        self._handles = []
+        for name in positions:
+            module = model.get_submodule(name)
+            self._handles += [
+                module.register_forward_pre_hook(self._start),
+                module.register_forward_hook(functools.partial(self._stop, name))]
+
+    @staticmethod
+    def _start(module: nn.Module, inputs) -> None:
+        module._clock_start = time.perf_counter()
+
+    def _stop(self, name: str, module: nn.Module, inputs, output) -> None:
+        self.times[name].append(time.perf_counter() - module._clock_start)
+        self.shapes.setdefault(name, tuple(inputs[0].shape))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def ce_positions(depth: int) -> list:
+    """The names of the CE layers of CEResNet-``depth`` (a plain ResNet has a
+    BN layer at each)."""
+    return [name for name, _ in build('CE', depth).ce_layers()]
+
+
+def per_layer_rows(depth: int, models: dict, x: torch.Tensor, args) -> list:
+    """Rows of the ``--per-layer`` table: for every CE position, its input
+    ``(C, H x W)`` and each kind's median eval forward time there (ms), in
+    ``args.repeat`` interleaved rounds of their own; then their sums and the
+    whole network's median eval time in the same rounds."""
+    positions = ce_positions(depth)
+    clocks = {kind: ForwardClock(model, positions) for kind, model in models.items()}
+    for model in models.values():
+        model.eval()
+    try:
+        whole = interleaved_times({k: eval_fn(m, x) for k, m in models.items()},
+                                  args.device, args.warmup, args.repeat)
+    finally:
+        for clock in clocks.values():
+            clock.remove()
+    # the warm-up calls come first: keep the timed rounds
+    layer_ms = {kind: {name: median_ms(times[-args.repeat:])
+                       for name, times in clock.times.items()}
+                for kind, clock in clocks.items()}
+    shapes = clocks['BN'].shapes
+    rows = [[f'R-{depth}', name, f'{shapes[name][1]}, {shapes[name][2]}x{shapes[name][3]}']
+            + [f'{layer_ms[kind][name]:.2f}' for kind in models] for name in positions]
+    rows.append([f'R-{depth}', f'sum of the {len(positions)}', '']
+                + [f'{sum(layer_ms[kind].values()):.1f}' for kind in models])
+    rows.append([f'R-{depth}', 'whole network', '']
+                + [f'{median_ms(whole[kind]):.1f}' for kind in models])
+    return rows
 
 
 def compile_option(text: str) -> tuple:
@@ -461,6 +540,9 @@ def main() -> None:
                         'a fresh one, so that the compile time is the cold one)')
     parser.add_argument('--memory-repeat', type=int, default=3,
                         help='rounds of the peak-memory measurement (median)')
+    parser.add_argument('--per-layer', action='store_true',
+                        help='also print the eval forward time of every CE '
+                        'position inside the network (eager only)')
     parser.add_argument('--norm', choices=list(NORM_CFGS), default='BN',
                         help='the normalizer of every backbone: BN (default) '
                         'or GN (32 groups; CE after GN at the CE positions)')
@@ -475,6 +557,8 @@ def main() -> None:
         pin_threads(args.threads)
         memory_probe(args.memory_probe, args.depths[0], args.batch, args.size)
         return
+    if args.per_layer and args.compile:
+        parser.error('--per-layer times eager forwards (hooks); it does not go with --compile')
     pin_threads(args.threads)
     if args.kinds is None:
         args.kinds = ['BN', 'CE', 'floor'] if args.compile else ['BN', 'CE', 'SyncCE']
@@ -483,11 +567,14 @@ def main() -> None:
     if args.compile and not args.warm_cache:
         cache = tempfile.TemporaryDirectory(prefix='bench_inductor_')
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache.name
-    rows = []
+    rows, per_layer = [], []
     for depth in args.depths:
         torch.manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-        rows += (compiled_rows if args.compile else eager_rows)(depth, kinds, x, args)
+        if args.compile:
+            rows += compiled_rows(depth, kinds, x, args)
+        else:
+            rows += eager_rows(depth, kinds, x, args, per_layer)
     options = ''.join(f', {name}={value}' for name, value in args.compile_option)
     what = (f'compiled (torch.compile, backend {args.compile_backend}{options}, '
             f'{"warm" if args.warm_cache else "fresh"} inductor cache) '
@@ -511,6 +598,12 @@ def main() -> None:
                           'train step minus the resident set before it (VmHWM '
                           '- VmRSS), in a fresh process per backbone; median of '
                           f'{args.memory_repeat} interleaved rounds'))
+    if per_layer:
+        print('\nPer CE position, eval forward ms inside the network (median of '
+              f'{args.repeat} interleaved rounds of their own, timed by forward '
+              'hooks; BN: the BN layer at that position)\n')
+        print(markdown_table(['depth', 'position', 'input C, HxW']
+                             + [label(kind) for kind in kinds], per_layer))
 
 
 if __name__ == '__main__':

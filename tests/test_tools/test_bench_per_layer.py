@@ -1,0 +1,62 @@
+"""``bench_backbones.py --per-layer``: every CE position's forward time inside
+the network is attributed to that position, in every kind, and the hooks
+leave the models as they were."""
+import argparse
+import sys
+import time
+
+import pytest
+import torch
+
+from test_bench_floor import load_bench
+
+SLOW_S = 0.03
+
+
+def slowed(module: torch.nn.Module) -> None:
+    """Make ``module``'s forward ``SLOW_S`` seconds slower (inside the call)."""
+    forward = module.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(SLOW_S)
+        return forward(*args, **kwargs)
+
+    module.forward = slow_forward
+
+
+def test_per_layer_rows_attribute_time_to_the_right_position():
+    bench = load_bench()
+    positions = bench.ce_positions(50)
+    assert len(positions) == 14 and positions[0] == 'bn1'
+    models = {kind: bench.build(kind, 50) for kind in ('BN', 'CE', 'floor')}
+    # a different slow position in each kind
+    slow = {'BN': 'layer1.1.bn3', 'CE': 'layer3.5.bn3', 'floor': 'bn1'}
+    for kind, name in slow.items():
+        slowed(models[kind].get_submodule(name))
+    args = argparse.Namespace(device='cpu', warmup=1, repeat=2)
+    rows = bench.per_layer_rows(50, models, torch.randn(1, 3, 32, 32), args)
+
+    assert [row[1] for row in rows] == positions + ['sum of the 14', 'whole network']
+    assert rows[0][2] == '64, 16x16' and rows[-3][2] == '1024, 2x2'
+    for column, kind in enumerate(models, start=3):
+        times = {row[1]: float(row[column]) for row in rows}
+        assert times[slow[kind]] >= SLOW_S * 1e3, kind
+        assert all(times[name] < SLOW_S * 1e3 for name in positions
+                   if name != slow[kind]), kind
+        # the positions are part of the network's forward
+        assert sum(times[name] for name in positions) <= times['whole network']
+    for model in models.values():  # hooks removed
+        assert not any(m._forward_hooks or m._forward_pre_hooks
+                       for m in model.modules())
+
+
+def test_per_layer_refuses_compile(capsys):
+    bench = load_bench()
+    argv = sys.argv
+    sys.argv = ['bench_backbones.py', '--compile', '--per-layer']
+    try:
+        with pytest.raises(SystemExit):
+            bench.main()
+    finally:
+        sys.argv = argv
+    assert 'does not go with --compile' in capsys.readouterr().err
