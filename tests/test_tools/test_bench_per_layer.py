@@ -60,3 +60,19 @@ def test_per_layer_refuses_compile(capsys):
     finally:
         sys.argv = argv
     assert 'does not go with --compile' in capsys.readouterr().err
+
+
+def test_clock_synchronizes_on_cuda_around_each_position(monkeypatch):
+    """On CUDA a host clock alone would time kernel launches: each hook
+    synchronizes the device first."""
+    bench = load_bench()
+    calls = []
+    monkeypatch.setattr(bench, 'synchronize', calls.append)
+    model = bench.build('CE', 50)
+    model.eval()
+    clock = bench.ForwardClock(model, ['bn1', 'layer3.5.bn3'], device='cuda')
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    clock.remove()
+    assert calls == ['cuda'] * 4
+    assert [len(times) for times in clock.times.values()] == [1, 1]

@@ -439,12 +439,14 @@ def eager_rows(depth: int, kinds, x: torch.Tensor, args, per_layer: list) -> lis
 class ForwardClock:
     """Wall time of every forward call of the modules at ``positions`` of
     ``model`` (names as in ``named_modules``), kept per position in
-    :attr:`times` (s), by forward pre- and post-hooks; :meth:`remove` takes
-    the hooks off. :attr:`shapes` holds each position's input shape."""
+    :attr:`times` (s), by forward pre- and post-hooks (on ``device`` 'cuda',
+    each hook synchronizes first); :meth:`remove` takes the hooks off.
+    :attr:`shapes` holds each position's input shape."""
 
-    def __init__(self, model: nn.Module, positions) -> None:
+    def __init__(self, model: nn.Module, positions, device: str = 'cpu') -> None:
         self.times = {name: [] for name in positions}
         self.shapes = {}
+        self.device = device
         self._handles = []
         for name in positions:
             module = model.get_submodule(name)
@@ -452,11 +454,12 @@ class ForwardClock:
                 module.register_forward_pre_hook(self._start),
                 module.register_forward_hook(functools.partial(self._stop, name))]
 
-    @staticmethod
-    def _start(module: nn.Module, inputs) -> None:
+    def _start(self, module: nn.Module, inputs) -> None:
+        synchronize(self.device)
         module._clock_start = time.perf_counter()
 
     def _stop(self, name: str, module: nn.Module, inputs, output) -> None:
+        synchronize(self.device)
         self.times[name].append(time.perf_counter() - module._clock_start)
         self.shapes.setdefault(name, tuple(inputs[0].shape))
 
@@ -478,7 +481,8 @@ def per_layer_rows(depth: int, models: dict, x: torch.Tensor, args) -> list:
     ``args.repeat`` interleaved rounds of their own; then their sums and the
     whole network's median eval time in the same rounds."""
     positions = ce_positions(depth)
-    clocks = {kind: ForwardClock(model, positions) for kind, model in models.items()}
+    clocks = {kind: ForwardClock(model, positions, args.device)
+              for kind, model in models.items()}
     for model in models.values():
         model.eval()
     try:
@@ -491,7 +495,7 @@ def per_layer_rows(depth: int, models: dict, x: torch.Tensor, args) -> list:
     layer_ms = {kind: {name: median_ms(times[-args.repeat:])
                        for name, times in clock.times.items()}
                 for kind, clock in clocks.items()}
-    shapes = clocks['BN'].shapes
+    shapes = next(iter(clocks.values())).shapes
     rows = [[f'R-{depth}', name, f'{shapes[name][1]}, {shapes[name][2]}x{shapes[name][3]}']
             + [f'{layer_ms[kind][name]:.2f}' for kind in models] for name in positions]
     rows.append([f'R-{depth}', f'sum of the {len(positions)}', '']
