@@ -50,15 +50,11 @@ def test_per_layer_rows_attribute_time_to_the_right_position():
                        for m in model.modules())
 
 
-def test_per_layer_refuses_compile(capsys):
+def test_per_layer_refuses_compile(capsys, monkeypatch):
     bench = load_bench()
-    argv = sys.argv
-    sys.argv = ['bench_backbones.py', '--compile', '--per-layer']
-    try:
-        with pytest.raises(SystemExit):
-            bench.main()
-    finally:
-        sys.argv = argv
+    monkeypatch.setattr(sys, 'argv', ['bench_backbones.py', '--compile', '--per-layer'])
+    with pytest.raises(SystemExit):
+        bench.main()
     assert 'does not go with --compile' in capsys.readouterr().err
 
 

@@ -447,20 +447,21 @@ class ForwardClock:
         self.times = {name: [] for name in positions}
         self.shapes = {}
         self.device = device
+        self._started = {}
         self._handles = []
         for name in positions:
             module = model.get_submodule(name)
             self._handles += [
-                module.register_forward_pre_hook(self._start),
+                module.register_forward_pre_hook(functools.partial(self._start, name)),
                 module.register_forward_hook(functools.partial(self._stop, name))]
 
-    def _start(self, module: nn.Module, inputs) -> None:
+    def _start(self, name: str, module: nn.Module, inputs) -> None:
         synchronize(self.device)
-        module._clock_start = time.perf_counter()
+        self._started[name] = time.perf_counter()
 
     def _stop(self, name: str, module: nn.Module, inputs, output) -> None:
         synchronize(self.device)
-        self.times[name].append(time.perf_counter() - module._clock_start)
+        self.times[name].append(time.perf_counter() - self._started[name])
         self.shapes.setdefault(name, tuple(inputs[0].shape))
 
     def remove(self) -> None:
