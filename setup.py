@@ -16,7 +16,8 @@ setup(
     description='Channel Equilibrium (CE) layers and CE-ResNet backbones for '
     'MMDetection',
     packages=find_packages(include=['cenet_mmdet', 'cenet_mmdet.*']),
-    python_requires='>=3.8',
+    license='Apache-2.0',
+    python_requires='>=3.11',   # tested: Python 3.11 (docs/installation.md)
     install_requires=[
         'torch>=1.13',
         'mmengine>=0.10.0,<0.11.0',

@@ -114,7 +114,7 @@ def contiguous_for_compiler(tensor: Tensor) -> Tensor:
     ``bmm`` as ``(N*G, d, L)`` with strides that no batched GEMM accepts, and
     ATen then copies every ``(d, L)`` matrix apart: in a compiled
     CE-ResNet-50 train step these copies took about a fifth of the time
-    (docs/performance.md). Enforcing the strides costs at most one layout
+    (docs/dev/performance-methods.md). Enforcing the strides costs at most one layout
     conversion, fused into the kernel that produces the tensor. (An eager
     ``.contiguous()`` would be dropped by the compiler: traced, the tensor
     already is contiguous.) Called inside the autograd Functions' forward
@@ -138,7 +138,7 @@ def _gemm_operand(x_grouped: Tensor) -> Tensor:
     which for ``(N, G, d, L)`` puts ``G`` innermost, so the shifted input
     was written twice, once that way for the backward and once contiguous
     for the GEMMs. The backward formulas below therefore work on the 3-D
-    operand only (docs/performance.md).
+    operand only (docs/dev/performance-methods.md).
     """
     n, groups, size, positions = x_grouped.shape
     # (N, G, d, L) -> (N*G, d, L)

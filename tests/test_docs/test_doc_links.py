@@ -1,7 +1,7 @@
 """The documentation's links and commands point at things that exist.
 
 * Every relative link (``[text](path)``, ``[text](path#anchor)``,
-  ``[text](#anchor)``, images too) in README.md, docs/*.md and
+  ``[text](#anchor)``, images too) in README.md, docs/*.md, docs/dev/*.md and
   configs/cenet/README.md resolves: the file or folder exists, and the anchor
   is a heading of the target page under GitHub's slug rules.
 * Every repository path named in a fenced code block (``tools/...``,
@@ -24,7 +24,8 @@ import pytest
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 PAGES = sorted(['README.md', 'configs/cenet/README.md']
                + [osp.relpath(p, REPO)
-                  for p in glob(osp.join(REPO, 'docs', '*.md'))])
+                  for p in glob(osp.join(REPO, 'docs', '*.md'))
+                  + glob(osp.join(REPO, 'docs', 'dev', '*.md'))])
 #: first path components of repository files named in commands (checked)
 REPO_DIRS = ('tools', 'configs', 'cenet_mmdet', 'docs', 'tests')
 #: first path components of what the commands write (placeholders: not checked)
@@ -115,7 +116,8 @@ def command_paths(page: str) -> List[str]:
 
 def test_pages_are_found():
     for page in ('README.md', 'docs/README.md', 'docs/troubleshooting.md',
-                 'docs/changelog.md', 'configs/cenet/README.md'):
+                 'docs/changelog.md', 'docs/dev/README.md',
+                 'configs/cenet/README.md'):
         assert page in PAGES, page
 
 

@@ -1,7 +1,7 @@
 """The published BN-vs-CE and GN-vs-GN+CE numbers (README, docs/evidence.md)
 are those of the driver's saved outputs, docs/figures/evidence/results.json and
 docs/figures/evidence-gn/results.json, and each output is consistent with
-itself (issue #21: every number comes from a command)."""
+itself (every number comes from a command)."""
 import json
 import os.path as osp
 
@@ -66,8 +66,9 @@ def test_published_summary_rows_match_the_saved_run(saved, document):
         if label == 'seeds':
             continue
         assert _summary_row(label, stats, arms) in text, (document, name, label)
-    minutes = round(results['total_wall_s'] / 60)
-    assert f'{minutes} minutes' in text
+    if document == 'docs/evidence.md':   # the cost is on the evidence page
+        minutes = round(results['total_wall_s'] / 60)
+        assert f'{minutes} minutes' in text
 
 
 def test_evidence_per_seed_table_matches_the_saved_run(saved):

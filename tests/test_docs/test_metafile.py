@@ -1,12 +1,17 @@
-"""configs/cenet/metafile.yml (OpenMMLab format) is true.
+"""configs/cenet/metafile.yml (OpenMMLab format) and the root model-index.yml
+are true and standard.
 
-* It lists every top-level COCO config of configs/cenet once, each with its
-  Config path, Metadata and Results (empty: no COCO run of ours exists);
-  the collection names the paper and the code.
+* Only the model index's standard keys (``STANDARD_KEYS``, those of the
+  ``model-index`` package that ``mim`` reads, plus MMDetection's metadata
+  keys): a made-up key would be ignored by every reader.
+* model-index.yml imports the metafile.
+* The metafile lists every top-level COCO config of configs/cenet once, each
+  with its Config path, Metadata and Results (empty: no COCO run of ours
+  exists); the collection names the paper and the code.
+* configs/cenet/README.md's model table has one row per listed config, with
+  the "ours" columns empty, as the Results are.
 * Every config it names builds: ``Config.fromfile`` and MMDetection's
   ``MODELS.build`` with every ``init_cfg`` removed, so no checkpoint is needed.
-* Its "Paper Results" are the paper columns of the README's model-zoo table
-  and of configs/cenet/README.md.
 
 About 10 s on 2 cores (eight detector builds, no forward; the forwards are
 tests/test_tools/test_configs.py's).
@@ -14,7 +19,7 @@ tests/test_tools/test_configs.py's).
 import os.path as osp
 import re
 from glob import glob
-from typing import Dict, List, Tuple
+from typing import List
 
 import pytest
 import yaml
@@ -28,42 +33,54 @@ def load_metafile() -> dict:
         return yaml.safe_load(f)
 
 
-def paper_metrics(model: dict) -> Tuple[str, str]:
-    """(box AP, mask AP) of the model's "Paper Results" as the README table
-    writes them ('no paper result', 'n/a')."""
-    metrics: Dict[str, float] = {}
-    for result in model.get('Paper Results') or []:
-        metrics.update(result['Metrics'])
-    has_mask = 'mask' in model['Name']
-    box = metrics.get('box AP')
-    mask = metrics.get('mask AP')
-    return (f'{box}' if box is not None else 'no paper result',
-            'n/a' if not has_mask else
-            (f'{mask}' if mask is not None else 'no paper result'))
+#: the keys a reader of the model index knows, per level (model-index's
+#: ModelIndex, Collection, Model, Metadata and Result fields; MMDetection's
+#: metafiles add Iterations, Training Memory (GB) and inference time (ms/im))
+STANDARD_KEYS = {
+    'index': {'Import', 'Collections', 'Models'},
+    'collection': {'Name', 'Metadata', 'Paper', 'README', 'Code'},
+    'model': {'Name', 'In Collection', 'Config', 'Metadata', 'Results',
+              'Weights', 'Paper', 'Code', 'README', 'Image'},
+    'metadata': {'FLOPs', 'Parameters', 'Epochs', 'Iterations', 'Batch Size',
+                 'Training Data', 'Training Techniques', 'Training Resources',
+                 'Architecture', 'Training Memory (GB)', 'inference time (ms/im)'},
+    'result': {'Task', 'Dataset', 'Metrics'},
+    'link': {'URL', 'Title', 'Version'},
+}
 
 
-def table(page: str, heading: str) -> List[List[str]]:
+def unknown_keys(index: dict) -> List[str]:
+    """'where: key' for every key of ``index`` outside ``STANDARD_KEYS``."""
+    problems = []
+
+    def check(mapping, level: str, where: str) -> None:
+        for key in sorted(set(mapping) - STANDARD_KEYS[level]):
+            problems.append(f'{where}: {key}')
+
+    check(index, 'index', 'top level')
+    for collection in index.get('Collections') or []:
+        where = f'collection {collection.get("Name")}'
+        check(collection, 'collection', where)
+        check(collection.get('Metadata') or {}, 'metadata', f'{where} Metadata')
+        for link in ('Paper', 'Code'):
+            if isinstance(collection.get(link), dict):
+                check(collection[link], 'link', f'{where} {link}')
+    for model in index.get('Models') or []:
+        where = f'model {model.get("Name")}'
+        check(model, 'model', where)
+        check(model.get('Metadata') or {}, 'metadata', f'{where} Metadata')
+        for result in model.get('Results') or []:
+            check(result, 'result', f'{where} Results')
+    return problems
+
+
+def model_table(page: str, heading: str) -> List[List[str]]:
     """The cells of the first table under ``heading`` in ``page``."""
     with open(osp.join(REPO, page)) as f:
         text = f.read()
     text = text[text.index(f'\n{heading}\n'):]
     rows = [line for line in text.splitlines()[1:] if line.startswith('|')]
     return [[c.strip() for c in row.strip('|').split('|')] for row in rows[2:]]
-
-
-def paper_columns() -> Dict[str, Dict[str, Tuple[str, str]]]:
-    """config file name -> (paper box AP, paper mask AP), from the README's
-    model zoo and from configs/cenet/README.md."""
-    readme = {r[0].strip('`'): (r[3], r[4])
-              for r in table('README.md', '## Model zoo (COCO)')
-              if r[0].endswith('.py`')}
-    folder = {}
-    for row in table('configs/cenet/README.md', '## Results and Models'):
-        link = re.search(r'\(([\w.-]+\.py)\)', row[-1])
-        if link:
-            folder[link.group(1)] = tuple(
-                'no paper result' if v == '-' else v for v in row[4:6])
-    return dict(readme=readme, folder=folder)
 
 
 def _drop_init_cfg(cfg) -> None:
@@ -98,15 +115,45 @@ def test_metafile_lists_every_coco_config():
         assert model['Results'] == [], 'ours: empty until a COCO run exists'
 
 
-@pytest.mark.parametrize('where', ['readme', 'folder'])
-def test_paper_results_match_the_tables(where):
-    """The metafile's paper numbers are those of the README's model zoo and of
-    configs/cenet/README.md."""
-    zoo = paper_columns()[where]
+def test_only_standard_keys():
+    assert unknown_keys(load_metafile()) == []
+    with open(osp.join(REPO, 'model-index.yml')) as f:
+        index = yaml.safe_load(f)
+    assert unknown_keys(index) == []
+    assert index['Import'] == ['configs/cenet/metafile.yml']
+
+
+def test_unknown_keys_are_found():
+    """A made-up key at any level is reported (the check can fail)."""
     meta = load_metafile()
-    assert {f'{m["Name"]}.py' for m in meta['Models']} == set(zoo)
+    meta['Paper Results'] = []
+    meta['Collections'][0]['Metadata']['Backbone Setting'] = 'CE'
+    meta['Models'][0]['Paper Results'] = []
+    meta['Models'][1]['Metadata']['Backbone Setting'] = 'CE frozen'
+    meta['Models'][2]['Results'] = [dict(Task='Object Detection', Dataset='COCO',
+                                         Metrics={'box AP': 40.8}, Source='paper')]
+    assert unknown_keys(meta) == [
+        'top level: Paper Results',
+        'collection CE Metadata: Backbone Setting',
+        'model mask-rcnn_ce-r50_fpn_2x_coco: Paper Results',
+        'model mask-rcnn_syncce-r50_fpn_2x_coco Metadata: Backbone Setting',
+        'model mask-rcnn_ce-r101_fpn_2x_coco Results: Source']
+
+
+def test_configs_readme_table_lists_the_models():
+    """One row per metafile model in configs/cenet/README.md, with the "ours"
+    columns empty as the metafile's Results are."""
+    rows = {}
+    for row in model_table('configs/cenet/README.md', '## Results and Models'):
+        link = re.search(r'\(([\w.-]+\.py)\)', row[-1])
+        if link:
+            assert link.group(1) not in rows, link.group(1)
+            rows[link.group(1)] = row
+    meta = load_metafile()
+    assert set(rows) == {osp.basename(m['Config']) for m in meta['Models']}
     for model in meta['Models']:
-        assert paper_metrics(model) == zoo[f'{model["Name"]}.py'], model['Name']
+        ours = rows[osp.basename(model['Config'])][6:8]
+        assert all(cell in ('-', 'n/a') for cell in ours), (model['Name'], ours)
 
 
 @pytest.mark.parametrize('model', load_metafile()['Models'],

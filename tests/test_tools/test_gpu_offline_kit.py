@@ -11,7 +11,7 @@
 
 The whole flow (a kit installed offline into a fresh environment, mmcv built
 there) is run by hand: 1399 s on 2 cores on 2026-12-02, the mmcv build
-sharing the cores with another job (docs/gpu.md).
+sharing the cores with another job (docs/dev/gpu-offline-kit.md).
 """
 import importlib.util
 import json
@@ -150,7 +150,7 @@ def test_mmcv_build_decision(tmp_path, jobs, setting, possible, arches, mode, wh
 
 
 def test_sixteen_cores_estimates(tmp_path):
-    """The numbers docs/gpu.md quotes for a 16-core node."""
+    """The numbers docs/dev/gpu-offline-kit.md quotes for a 16-core node."""
     proc = source_runner(tmp_path, 'echo "$(est_build_s 77 0) $(est_build_s 78 58)"')
     assert proc.stdout.split() == ['102', '212']
 

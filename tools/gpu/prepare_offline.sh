@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gathers an offline GPU-check kit (docs/gpu.md): everything an offline GPU node
+# Gathers an offline GPU-check kit (docs/dev/gpu-offline-kit.md): everything an offline GPU node
 # that already has Python, a CUDA build of torch and the large compiled
 # packages (numpy, pillow, scipy, matplotlib, OpenCV) needs to build mmcv against its torch, install the plugin and run
 # tools/benchmarks/gpu_check.sh, in ONE git-ignored folder (default gpu_kit/,
@@ -161,7 +161,7 @@ SIZE_MB=$(awk -v b="$SIZE_B" 'BEGIN{printf "%.1f", b / 1e6}')
   echo "On the node, in this folder:"
   echo "  CENET_GPU_CHECK_OUT=/some/folder bash run_offline_check.sh"
   echo "(CENET_NODE_PYTHON=the python that has the node's torch; CENET_MMCV_CUDA=0 builds"
-  echo " mmcv's CPU ops only; docs/gpu.md in src/ says more)"
+  echo " mmcv's CPU ops only; docs/dev/gpu-offline-kit.md in src/ says more)"
   echo
   echo "Assumed on the node, not in the kit: torch (CUDA), $NODE_HAS"
   echo "Dropped from pip's resolution:"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline GPU check, one command on a GPU node without internet, inside a
-# kit made by tools/gpu/prepare_offline.sh (docs/gpu.md):
+# kit made by tools/gpu/prepare_offline.sh (docs/dev/gpu-offline-kit.md):
 #
 #   CENET_GPU_CHECK_OUT=/some/folder bash run_offline_check.sh
 #
@@ -52,7 +52,7 @@ WITHOUT_CUDA="${CENET_GPU_CHECK_WITHOUT_CUDA:-0}"
 WORK_GIVEN="${CENET_GPU_CHECK_WORK:-}"
 WORK=""
 SOURCE="${CENET_KIT_SOURCE:-}"
-# Build-time model (docs/gpu.md), in CPU seconds (user + sys) per source,
+# Build-time model (docs/dev/gpu-offline-kit.md), in CPU seconds (user + sys) per source,
 # measured on the project's CPU machine (2026-12-02): a C++ source of mmcv
 # 2.1.0 ~18 (gcc 12, -O3 -g; 4 sources 14-23; the whole CPU build, 77
 # sources, took 665 s on 2 cores), a .cu source ~30 for one architecture

@@ -8,7 +8,8 @@
 # score threshold 0, so that a briefly trained model has detections to
 # evaluate (with none, MMDetection's CocoMetric reports no AP).
 # tools/quick_start.sh passes data_root (every data path moves with it), the
-# number of iterations and the batch size.
+# number of iterations, the batch size and the logger interval (its progress
+# line reads MMEngine's log lines).
 custom_imports = dict(imports=['cenet_mmdet'], allow_failed_imports=False)
 _base_ = '../synthetic/mask-rcnn_ce-r50_fpn_shapes-bench.py'
 
