@@ -8,8 +8,6 @@ are true and standard.
 * The metafile lists every top-level COCO config of configs/cenet once, each
   with its Config path, Metadata and Results (empty: no COCO run of ours
   exists); the collection names the paper and the code.
-* configs/cenet/README.md's model table has one row per listed config, with
-  the "ours" columns empty, as the Results are.
 * Every config it names builds: ``Config.fromfile`` and MMDetection's
   ``MODELS.build`` with every ``init_cfg`` removed, so no checkpoint is needed.
 
@@ -17,7 +15,6 @@ About 10 s on 2 cores (eight detector builds, no forward; the forwards are
 tests/test_tools/test_configs.py's).
 """
 import os.path as osp
-import re
 from glob import glob
 from typing import List
 
@@ -72,15 +69,6 @@ def unknown_keys(index: dict) -> List[str]:
         for result in model.get('Results') or []:
             check(result, 'result', f'{where} Results')
     return problems
-
-
-def model_table(page: str, heading: str) -> List[List[str]]:
-    """The cells of the first table under ``heading`` in ``page``."""
-    with open(osp.join(REPO, page)) as f:
-        text = f.read()
-    text = text[text.index(f'\n{heading}\n'):]
-    rows = [line for line in text.splitlines()[1:] if line.startswith('|')]
-    return [[c.strip() for c in row.strip('|').split('|')] for row in rows[2:]]
 
 
 def _drop_init_cfg(cfg) -> None:
@@ -138,22 +126,6 @@ def test_unknown_keys_are_found():
         'model mask-rcnn_ce-r50_fpn_2x_coco: Paper Results',
         'model mask-rcnn_syncce-r50_fpn_2x_coco Metadata: Backbone Setting',
         'model mask-rcnn_ce-r101_fpn_2x_coco Results: Source']
-
-
-def test_configs_readme_table_lists_the_models():
-    """One row per metafile model in configs/cenet/README.md, with the "ours"
-    columns empty as the metafile's Results are."""
-    rows = {}
-    for row in model_table('configs/cenet/README.md', '## Results and Models'):
-        link = re.search(r'\(([\w.-]+\.py)\)', row[-1])
-        if link:
-            assert link.group(1) not in rows, link.group(1)
-            rows[link.group(1)] = row
-    meta = load_metafile()
-    assert set(rows) == {osp.basename(m['Config']) for m in meta['Models']}
-    for model in meta['Models']:
-        ours = rows[osp.basename(model['Config'])][6:8]
-        assert all(cell in ('-', 'n/a') for cell in ours), (model['Name'], ours)
 
 
 @pytest.mark.parametrize('model', load_metafile()['Models'],

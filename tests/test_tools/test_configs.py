@@ -443,9 +443,10 @@ def test_bench_configs_differ_only_in_backbone(name):
 
 
 def test_every_coco_config_is_tested_and_in_the_model_zoo():
-    """Each top-level config of configs/cenet is checked here and listed in
-    the model-zoo table of configs/cenet/README.md, with the paper's numbers
-    or '-' (no paper result)."""
+    """Each top-level config of configs/cenet is checked here and listed once
+    in the model-zoo table of configs/cenet/README.md, with the paper's
+    numbers or '-' (no paper result), and empty "ours" columns, as the
+    metafile's Results are (tests/test_docs/test_metafile.py)."""
     import glob
     import re
     found = {osp.basename(p) for p in glob.glob(osp.join(CFG_DIR, '*.py'))}
@@ -459,6 +460,7 @@ def test_every_coco_config_is_tested_and_in_the_model_zoo():
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
         link = re.fullmatch(r'\[config\]\(([\w.-]+\.py)\)', cells[-1])
         if line.startswith('|') and link:
+            assert link.group(1) not in rows, link.group(1)
             rows[link.group(1)] = cells
     assert set(rows) == set(COCO_CONFIGS)
     for name, cells in rows.items():
@@ -468,6 +470,8 @@ def test_every_coco_config_is_tested_and_in_the_model_zoo():
         assert (paper[1] == 'n/a') == ('mask' not in name), cells
         if name in NEW_DETECTORS:
             assert paper[0] == '-', cells
+        ours = cells[6:8]   # box AP (ours), mask AP (ours)
+        assert all(cell in ('-', 'n/a') for cell in ours), cells
 
 
 # ------------------------------------------------------------ ImageNet (GN+CE)
