@@ -1,5 +1,5 @@
 """CUDA: a non-finite training batch is skipped on the device, with no host
-synchronization (issue #18, 5). Run by tools/benchmarks/gpu_check.sh.
+synchronization (issue #18, 5). Run by tools/gpu/gpu_check.sh.
 
 ``torch.cuda.set_sync_debug_mode('error')`` raises on any synchronizing call
 inside the training forward of a CE layer, the NaN batch included; the

@@ -1,13 +1,18 @@
 """The documentation's links and commands point at things that exist.
 
 * Every relative link (``[text](path)``, ``[text](path#anchor)``,
-  ``[text](#anchor)``, images too) in README.md, docs/*.md, docs/dev/*.md and
-  configs/cenet/README.md resolves: the file or folder exists, and the anchor
-  is a heading of the target page under GitHub's slug rules.
+  ``[text](#anchor)``, images too) in README.md, docs/**/*.md,
+  configs/**/README.md and tools/README.md resolves: the file or folder
+  exists, and the anchor is a heading of the target page under GitHub's slug
+  rules.
 * Every repository path named in a fenced code block (``tools/...``,
-  ``configs/...``, ``cenet_mmdet/...``, ``docs/...``, ``tests/...``) exists.
-  Paths under the folders that the commands *write* (``work_dirs/``, ``data/``,
-  ``checkpoints/``, ``gpu_kit/``) are outputs, not checked.
+  ``configs/...``, ``cenet_mmdet/...``, ``docs/...``, ``tests/...``) exists,
+  and so does the script of every command in an inline code span
+  (``python tools/...py``, ``bash tools/...sh``: tools/README.md lists its
+  commands that way). Paths under the folders that the commands *write*
+  (``work_dirs/``, ``data/``, ``checkpoints/``, ``gpu_kit/``) are outputs,
+  not checked.
+* tools/README.md names every script in tools/.
 * README.md stays short (at most about 200 lines) and names the two commands
   that ``.ci/run`` runs.
 
@@ -22,10 +27,10 @@ from typing import Dict, List, Set, Tuple
 import pytest
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-PAGES = sorted(['README.md', 'configs/cenet/README.md']
+PAGES = sorted(['README.md', 'tools/README.md']
                + [osp.relpath(p, REPO)
-                  for p in glob(osp.join(REPO, 'docs', '*.md'))
-                  + glob(osp.join(REPO, 'docs', 'dev', '*.md'))])
+                  for p in glob(osp.join(REPO, 'docs', '**', '*.md'), recursive=True)
+                  + glob(osp.join(REPO, 'configs', '**', 'README.md'), recursive=True)])
 #: first path components of repository files named in commands (checked)
 REPO_DIRS = ('tools', 'configs', 'cenet_mmdet', 'docs', 'tests')
 #: first path components of what the commands write (placeholders: not checked)
@@ -36,6 +41,8 @@ _HEADING = re.compile(r'^(#{1,6})\s+(.*?)\s*#*\s*$')
 _CODE_SPAN = re.compile(r'(`+)(.+?)\1')
 _LINK = re.compile(r'!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')
 _PATH = re.compile(r'(?<![\w./$-])((?:\w[\w.-]*/)+[\w.-]*)')
+#: the script of a command in an inline code span: ``python tools/x.py ...``
+_SPAN_SCRIPT = re.compile(r'^(?:[A-Z_]+=\S*\s+)*(?:python\S*|bash)\s+((?:\w[\w.-]*/)+[\w.-]+)')
 
 
 def split_page(text: str) -> Tuple[List[str], List[str]]:
@@ -108,16 +115,24 @@ def broken_links(page: str) -> List[str]:
 
 
 def command_paths(page: str) -> List[str]:
-    """Repository paths named in the fenced code blocks of ``page``."""
-    paths = [m.group(1).rstrip('.') for line in read_page(page)[1]
-             for m in _PATH.finditer(line)]
+    """Repository paths named in the fenced code blocks of ``page``, and the
+    scripts of the commands in its inline code spans."""
+    prose, code = read_page(page)
+    paths = [m.group(1).rstrip('.') for line in code for m in _PATH.finditer(line)]
+    paths += [m.group(1) for line in prose for span in _CODE_SPAN.finditer(line)
+              for m in [_SPAN_SCRIPT.match(span.group(2).strip())] if m]
     return [p for p in paths if p.split('/')[0] in REPO_DIRS]
+
+
+def missing_command_paths(page: str) -> List[str]:
+    """The paths of :func:`command_paths` that do not exist."""
+    return [p for p in command_paths(page) if not osp.exists(osp.join(REPO, p))]
 
 
 def test_pages_are_found():
     for page in ('README.md', 'docs/README.md', 'docs/troubleshooting.md',
                  'docs/changelog.md', 'docs/dev/README.md',
-                 'configs/cenet/README.md'):
+                 'configs/cenet/README.md', 'tools/README.md'):
         assert page in PAGES, page
 
 
@@ -128,8 +143,7 @@ def test_links_and_anchors_resolve(page):
 
 @pytest.mark.parametrize('page', PAGES)
 def test_paths_in_commands_exist(page):
-    missing = [p for p in command_paths(page)
-               if not osp.exists(osp.join(REPO, p))]
+    missing = missing_command_paths(page)
     assert not missing, f'{page} names paths that do not exist: {missing}'
 
 
@@ -154,6 +168,41 @@ def test_the_checks_catch_a_broken_link(tmp_path, monkeypatch):
     assert any('docs/troubleshoot.md does not exist' in p for p in problems)
     assert any('no heading #frozen-ce in docs/ce_layer.md' in p for p in problems)
     assert 'tools/quickstart.sh' in command_paths('README.md')
+
+
+def test_the_command_check_catches_a_missing_script(tmp_path, monkeypatch):
+    """A ``python tools/...py`` or ``bash tools/...sh`` in a fenced block, or
+    an inline command, whose script does not exist fails the check; a path
+    merely mentioned in prose (not a command) is not checked; with the
+    scripts in place the same page passes."""
+    page = ('# Tools\n\n```bash\n'
+            'python tools/benchmarks/bench_gone.py --threads 2   # a comment\n'
+            'OUT_DIR=x bash tools/gpu/gone_check.sh\n```\n\n'
+            '- A question? `python tools/dev/gone.py save BEFORE.pt`\n'
+            '- Moved away from `tools/old/place.py` (a mention, not a command).\n')
+    (tmp_path / 'tools').mkdir()
+    (tmp_path / 'tools' / 'README.md').write_text(page)
+    monkeypatch.setattr(sys.modules[__name__], 'REPO', str(tmp_path))
+    scripts = ['tools/benchmarks/bench_gone.py', 'tools/gpu/gone_check.sh',
+               'tools/dev/gone.py']
+    assert missing_command_paths('tools/README.md') == scripts
+    for script in scripts:
+        (tmp_path / script).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / script).write_text('')
+    assert missing_command_paths('tools/README.md') == []
+
+
+def test_tools_readme_names_every_script():
+    """A newcomer finds every script of tools/ in tools/README.md (by its
+    path under tools/, or its name in its folder's section)."""
+    with open(osp.join(REPO, 'tools', 'README.md')) as f:
+        text = f.read()
+    scripts = [osp.relpath(p, osp.join(REPO, 'tools'))
+               for ext in ('py', 'sh')
+               for p in glob(osp.join(REPO, 'tools', '**', f'*.{ext}'), recursive=True)]
+    assert len(scripts) > 20
+    missing = [s for s in scripts if s not in text and osp.basename(s) not in text]
+    assert not missing, f'tools/README.md does not name {missing}'
 
 
 def test_slug_rules():

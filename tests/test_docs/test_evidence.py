@@ -16,7 +16,7 @@ SAVED_RUNS = {'bn-ce': ('evidence', ('bn', 'ce')),
 
 
 def _driver():
-    return load_script(osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py'),
+    return load_script(osp.join(ROOT, 'tools', 'experiments', 'multi_seed_ap.py'),
                        '_multi_seed_ap_docs')
 
 

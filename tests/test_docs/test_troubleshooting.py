@@ -49,17 +49,14 @@ SKIP_DIRS = ('cenet_mmdet/testing/',)
 INTERNAL = {
     # ops.GradientLink is used by CE's own forward only
     ('cenet_mmdet/ops/whitening.py', 'GradientLink joins two different inputs'),
-    # bench_backbones' floor: a check of its own model surgery
-    ('tools/benchmarks/bench_backbones.py', 'floor: CE layers not replaced'),
+    # the lower bounds (floors.py, bench_backbones): checks of their own
+    # model surgery
+    ('tools/benchmarks/floors.py', 'floor: CE layers not replaced'),
     ('tools/benchmarks/bench_backbones.py', 'floor: replaced'),
     # bench_backbones reads /proc/self/status (Linux only, always there)
     ('tools/benchmarks/bench_backbones.py', 'in /proc/self/status'),
     # bench_backbones --compile: a recompilation inside the timed calls
     ('tools/benchmarks/bench_backbones.py', 'the timed calls compiled'),
-    # bench_native rewrites the models it builds itself, and calls them in
-    # eval without gradients only
-    ('tools/benchmarks/bench_native.py', 'the rewrites cover the released CE only'),
-    ('tools/benchmarks/bench_native.py', 'the rewrites cover eval without gradients, float32'),
     # ImageClassifier.forward's mode is chosen by MMEngine, never by a user
     ('cenet_mmdet/classification/model.py', 'invalid mode'),
 }
@@ -84,12 +81,12 @@ OPAQUE = {
     # the located error of CEResNet wraps a layer's own ValueError
     ('cenet_mmdet/models/backbones/ce_resnet.py', "f'CEResNet: {err}'"),
     # a failed subprocess's output, and cuda_peak.py passing on an exit code
-    ('tools/benchmarks/imagenet_learning_check.py',
+    ('tools/experiments/imagenet_learning_check.py',
      '(proc.stdout + proc.stderr)[-4000:]'),
-    ('tools/benchmarks/cuda_peak.py', 'exc.code'),
+    ('tools/gpu/cuda_peak.py', 'exc.code'),
     # the shell helpers that print a message given by their caller, and
     # setup_env.sh's blank line before "FAILED during"
-    ('tools/benchmarks/gpu_check.sh', '[gpu_check] $1'),
+    ('tools/gpu/gpu_check.sh', '[gpu_check] $1'),
     ('tools/gpu/run_offline_check.sh', '[offline_check] $2'),
     ('tools/setup_env.sh', ''),
     # kit_manifest.py lists what pip's resolution dropped (information)

@@ -2,10 +2,10 @@
 GPU user's path.
 
 * The user pages (``USER_PAGES``: README.md, docs/*.md but the changelog,
-  configs/cenet/README.md, the metafile and model-index.yml) name no commit
-  hash, no issue number and no time of day of a run, and do not narrate
-  dropped or superseded work. History belongs to docs/changelog.md and git;
-  developers' notes to docs/dev/.
+  configs/cenet/README.md, tools/README.md, the metafile and model-index.yml)
+  name no commit hash, no issue number and no time of day of a run, and do
+  not narrate dropped or superseded work. History belongs to
+  docs/changelog.md and git; developers' notes to docs/dev/.
 * The README's first 80 lines hold the four steps of a detection user with
   GPUs, in order: install (into an existing environment, or a fresh one),
   the checkpoint (where the authors publish it, the file, the converter),
@@ -23,7 +23,7 @@ import pytest
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 USER_PAGES = sorted(
     ['README.md', 'configs/cenet/README.md', 'configs/cenet/metafile.yml',
-     'model-index.yml']
+     'model-index.yml', 'tools/README.md']
     + [osp.relpath(p, REPO) for p in glob(osp.join(REPO, 'docs', '*.md'))
        if osp.basename(p) != 'changelog.md'])
 #: what a page that states today's truth does not hold
@@ -87,7 +87,8 @@ def _read(page: str) -> str:
 
 def test_user_pages_are_found():
     for page in ('README.md', 'docs/README.md', 'docs/performance.md',
-                 'docs/troubleshooting.md', 'configs/cenet/README.md'):
+                 'docs/troubleshooting.md', 'configs/cenet/README.md',
+                 'tools/README.md'):
         assert page in USER_PAGES
     assert 'docs/changelog.md' not in USER_PAGES
     assert not any(page.startswith('docs/dev/') for page in USER_PAGES)

@@ -1,6 +1,7 @@
-"""The ``floor`` kind of tools/benchmarks/bench_backbones.py is an honest
-lower bound (issue #20, 1): every CE layer is replaced, and its train step
-computes the map gradient that a real CE layer needs."""
+"""The lower-bound kinds (tools/benchmarks/floors.py) are honest bounds:
+every CE layer is replaced, and a train step computes the map gradient that
+a real CE layer needs; bench_backbones.py and bench_layers.py take the kinds
+from that one module."""
 import os.path as osp
 import sys
 
@@ -23,6 +24,23 @@ def load_script(name: str):
 
 def load_bench():
     return load_script('bench_backbones')
+
+
+def test_the_lower_bound_kinds_are_defined_once():
+    """Both benchmarks offer exactly the kinds of floors.py, with its layers
+    and labels, and define no floor layer of their own."""
+    from torch import nn
+    backbones, layers = load_bench(), load_script('bench_layers')
+    floors = sys.modules['floors']
+    assert list(floors.FLOORS) == list(floors.LABELS) == [
+        'floor', 'floor+gate', 'floor+moments']
+    for bench in (backbones, layers):
+        assert {k: v for k, v in bench.KINDS.items() if k.startswith('floor')} == floors.LABELS
+        assert bench.FLOORS is floors.FLOORS
+        own = [name for name, value in vars(bench).items()
+               if isinstance(value, type) and issubclass(value, nn.Module)
+               and value.__module__ == bench.__name__]
+        assert not own, own
 
 
 def test_floor_replaces_all_14_layers_and_differentiates_its_maps():
@@ -53,7 +71,8 @@ def check_gated_floor(kind: str, floor: str, offset: float, statistics,
     import torch.nn.functional as F
     bench = load_bench()
     model = bench.build(kind, 50)
-    layer_class = getattr(bench, floor)
+    layer_class = bench.FLOORS[kind]
+    assert layer_class.__name__ == floor
     assert sum(isinstance(m, layer_class) for m in model.modules()) == 14
     assert not any(isinstance(m, CE) for m in model.modules())
 

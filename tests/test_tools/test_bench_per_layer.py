@@ -1,6 +1,11 @@
-"""``bench_backbones.py --per-layer``: every CE position's forward time inside
-the network is attributed to that position, in every kind, and the hooks
-leave the models as they were."""
+"""Where CE's time goes, in the two scripts that answer it:
+
+* ``bench_backbones.py --per-layer`` (per CE position, in place): every CE
+  position's forward time inside the network is attributed to that position,
+  in every kind, and the hooks leave the models as they were;
+* ``profile_ce.py`` (per op): its table lists the ops whose self time grows
+  the most from ResNet-50 to CE-ResNet-50, largest first, with their shares.
+"""
 import argparse
 import sys
 import time
@@ -8,7 +13,7 @@ import time
 import pytest
 import torch
 
-from test_bench_floor import load_bench
+from test_bench_floor import load_bench, load_script
 
 SLOW_S = 0.03
 
@@ -72,3 +77,24 @@ def test_clock_synchronizes_on_cuda_around_each_position(monkeypatch):
     clock.remove()
     assert calls == ['cuda'] * 4
     assert [len(times) for times in clock.times.values()] == [1, 1]
+
+
+def test_profile_ce_lists_the_ops_that_ce_adds(monkeypatch, capsys):
+    """A small eval profile: the rows are ops sorted by the time CE adds,
+    with each share of the whole difference, and among them ops that
+    ResNet-50 does not run at all in eval (CE's maps and gate)."""
+    profile = load_script('profile_ce')
+    monkeypatch.setattr(sys, 'argv', [
+        'profile_ce.py', '--mode', 'eval', '--batch', '1', '--size', '32',
+        '--steps', '1', '--threads', '1', '--top', '5'])
+    profile.main()
+    out = capsys.readouterr().out
+    assert 'Per-op self CPU time, eval step, batch 1, 32x32' in out
+    assert 'CE adds' in out
+    rows = [line.strip('|').split(' | ') for line in out.splitlines()
+            if line.startswith('| ') and not line.startswith('| op ')]
+    assert len(rows) == 5
+    differences = [float(row[3]) for row in rows]
+    assert differences == sorted(differences, reverse=True) and differences[0] > 0
+    assert all(row[4].strip().endswith('%') for row in rows)
+    assert any(float(row[1]) == 0.0 and float(row[2]) > 0 for row in rows)

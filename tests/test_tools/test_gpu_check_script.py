@@ -1,4 +1,4 @@
-"""tools/benchmarks/gpu_check.sh and cuda_peak.py, on any machine.
+"""tools/gpu/gpu_check.sh and tools/gpu/cuda_peak.py, on any machine.
 
 * Without CUDA (``CUDA_VISIBLE_DEVICES=''`` forces that on a GPU machine too)
   the script refuses with exit status 2 and a clear message, running nothing.
@@ -25,8 +25,8 @@ from typing import Dict, List
 import pytest
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-SCRIPT = osp.join(REPO, 'tools', 'benchmarks', 'gpu_check.sh')
-PEAK = osp.join(REPO, 'tools', 'benchmarks', 'cuda_peak.py')
+SCRIPT = osp.join(REPO, 'tools', 'gpu', 'gpu_check.sh')
+PEAK = osp.join(REPO, 'tools', 'gpu', 'cuda_peak.py')
 VENV = osp.dirname(osp.dirname(sys.executable))
 ROI_STEPS = ['bench_detector', 'synthetic_data', 'train_amp']
 STEPS = ['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones'] + ROI_STEPS
@@ -113,7 +113,7 @@ def test_dry_run_names_the_right_files(tmp_path):
         assert argv[-len(test_files):] == [f'tests/test_cuda/{f}' for f in test_files]
     for name in ('bench_backbones', 'bench_detector'):
         argv = commands[name]
-        assert argv[1] == 'tools/benchmarks/cuda_peak.py'
+        assert argv[1] == 'tools/gpu/cuda_peak.py'
         assert argv[2] == f'tools/benchmarks/{name}.py'
         assert argv[argv.index('--device') + 1] == 'cuda'
     data = commands['synthetic_data']
@@ -270,7 +270,7 @@ def test_compile_steps_run_only_where_their_files_exist(tmp_path, present):
         assert commands['cuda_compile'][-3:] == [
             'cuda', '-rs', 'tests/test_cuda/test_cuda_compile.py']
         bench = commands['bench_compile']
-        assert bench[1:3] == ['tools/benchmarks/cuda_peak.py',
+        assert bench[1:3] == ['tools/gpu/cuda_peak.py',
                               'tools/benchmarks/bench_backbones.py']
         assert '--compile' in bench
         assert bench[bench.index('--device') + 1] == 'cuda'

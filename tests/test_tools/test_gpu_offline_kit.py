@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import os.path as osp
+import re
 import shlex
 import subprocess
 import sys
@@ -182,6 +183,15 @@ def run_runner(kit: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
 
 def this_python() -> str:
     return '%d.%d' % sys.version_info[:2]
+
+
+def test_runner_starts_the_gpu_check_by_its_path_in_the_source():
+    """The runner runs the GPU check from the kit's source snapshot (this
+    repository as it is): the path it names exists here."""
+    with open(RUNNER) as f:
+        called = re.findall(r'"\$src_dir/(tools/[\w/.-]+)"', f.read())
+    assert called == ['tools/gpu/gpu_check.sh']
+    assert osp.isfile(osp.join(REPO, called[0]))
 
 
 def test_runner_refuses_a_folder_that_is_not_a_kit(tmp_path):

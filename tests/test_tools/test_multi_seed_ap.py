@@ -1,4 +1,4 @@
-"""tools/benchmarks/multi_seed_ap.py: its statistics on known answers, and a
+"""tools/experiments/multi_seed_ap.py: its statistics on known answers, and a
 2-seed run at a tiny budget (issue #21)."""
 import json
 import math
@@ -10,7 +10,7 @@ import pytest
 from cenet_mmdet.testing.scripts import load_script
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-SCRIPT = osp.join(ROOT, 'tools', 'benchmarks', 'multi_seed_ap.py')
+SCRIPT = osp.join(ROOT, 'tools', 'experiments', 'multi_seed_ap.py')
 
 
 def load_driver():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # BN-R50 vs CE-R50 channel analysis of trained models: runs the three channel
 # analysis tools on the seed-0 BN and CE checkpoints of
-# tools/benchmarks/multi_seed_ap.py (its default budget; trained first, seed 0
+# tools/experiments/multi_seed_ap.py (its default budget; trained first, seed 0
 # only, if missing) and copies the sparsity plot to the figure of
 # docs/evidence.md.
 #
@@ -36,7 +36,7 @@ main() {
 
   if [ ! -f "$BN_CKPT" ] || [ ! -f "$CE_CKPT" ]; then
     echo "[readme_plot] training BN and CE, seed 0, $ITERS iterations (multi_seed_ap.py)"
-    $PYTHON "$ROOT/tools/benchmarks/multi_seed_ap.py" --work-dir "$WORK_DIR" \
+    $PYTHON "$ROOT/tools/experiments/multi_seed_ap.py" --work-dir "$WORK_DIR" \
       --data "$DATA" --iters "$ITERS" --seeds 0
   fi
 

@@ -1,6 +1,6 @@
 """Layer-level benchmark: BN vs CE vs SyncCE (world size 1) vs the released
-transcription vs the floor, at the channel counts and sizes of ResNet-50's CE
-layers.
+transcription vs the lower bounds, at the channel counts and sizes of
+ResNet-50's CE layers.
 
     python tools/benchmarks/bench_layers.py [--batch 4] [--repeat 15]
         [--threads 2] [--device cpu|cuda]
@@ -21,32 +21,33 @@ the layers' fixed, size-independent cost (at ``S = 2`` some ``(image,
 channel)`` of the random input have a mean too large for their 4 values'
 spread, and CE's eval takes its moments a second time, about a shift).
 
-``floor`` is the layer of ``bench_backbones.py``'s floor (:class:`MapsOnly`):
-the fixed per-sample ``(d, d)`` maps applied, nothing else, so that CE minus
-floor is what the statistics, the gate and the fold cost per layer.
-``floor+gate`` and ``floor+moments`` are the layers of its other two bounds
-(:class:`GatedMapsOnly`, :class:`MomentsMapsOnly`): CE minus
-``floor+moments`` is what CE's own glue costs (BN scale, fold, check), at
+``floor``, ``floor+gate`` and ``floor+moments`` are the layers of the lower
+bounds (``floors.py``, the same as in ``bench_backbones.py``): CE minus
+``floor`` is what the statistics, the gate and the fold cost per layer, CE
+minus ``floor+moments`` what CE's own glue costs (BN scale, fold, check), at
 ``--spatial 4`` its fixed cost.
+
+One layer alone shows a layer's own cost; where the time goes inside the
+network is ``bench_backbones.py --per-layer`` (per CE position) and
+``profile_ce.py`` (per op).
 """
 import argparse
 
 import torch
 from torch import nn
 
-from bench_backbones import GatedMapsOnly, MapsOnly, MomentsMapsOnly
 from common import (interleaved_times, machine_line, markdown_table, median_ms,
                     pin_threads, ratio)
+from floors import FLOORS, LABELS
 
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.layers import CE, SyncCE
 from cenet_mmdet.testing import ReleasedBNCE
 
 #: ``--kinds`` names and their labels in the table, in the table's order
-#: (BN first: the baseline)
+#: (BN first: the baseline; then the lower bounds of ``floors.py``)
 KINDS = {'BN': 'BN', 'CE': 'CE', 'SyncCE': 'SyncCE (ws=1)',
-         'released': 'released (autograd)', 'floor': 'floor (maps only)',
-         'floor+gate': 'floor+gate', 'floor+moments': 'floor+moments'}
+         'released': 'released (autograd)', **LABELS}
 
 # (name, channels, spatial size, group size, CE layers of this shape in
 # CE-ResNet-50) for a 224x224 input
@@ -56,14 +57,13 @@ SHAPES = [('stem', 64, 112, 64, 1), ('stage1', 256, 56, 16, 3),
 
 def build(kind: str, channels: int, group_size: int) -> nn.Module:
     """The layer of ``kind`` (a key of :data:`KINDS`)."""
+    if kind in FLOORS:
+        return FLOORS[kind](CE(channels, group_size=group_size))
     builders = {
         'BN': lambda: nn.BatchNorm2d(channels),
         'CE': lambda: CE(channels, group_size=group_size),
         'SyncCE': lambda: SyncCE(channels, group_size=group_size),
         'released': lambda: ReleasedBNCE(channels, group_size=group_size),
-        'floor': lambda: MapsOnly(CE(channels, group_size=group_size)),
-        'floor+gate': lambda: GatedMapsOnly(CE(channels, group_size=group_size)),
-        'floor+moments': lambda: MomentsMapsOnly(CE(channels, group_size=group_size)),
     }
     return builders[kind]()
 

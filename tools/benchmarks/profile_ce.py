@@ -10,6 +10,10 @@ step), with their share of the whole difference. ``train`` is a forward +
 backward step as in ``bench_backbones.py`` (MMDetection's defaults:
 ``norm_eval=True``, so the CE layers use running statistics); ``eval`` is a
 forward under ``torch.no_grad``.
+
+It splits CE's extra time by op (``bmm``, ``baddbmm``, ``copy_``, ...) summed
+over all layers, in train or eval; which CE position costs what, timed in
+place without a profiler (eval only), is ``bench_backbones.py --per-layer``.
 """
 import argparse
 from collections import Counter

@@ -2,7 +2,7 @@
 # Gathers an offline GPU-check kit (docs/dev/gpu-offline-kit.md): everything an offline GPU node
 # that already has Python, a CUDA build of torch and the large compiled
 # packages (numpy, pillow, scipy, matplotlib, OpenCV) needs to build mmcv against its torch, install the plugin and run
-# tools/benchmarks/gpu_check.sh, in ONE git-ignored folder (default gpu_kit/,
+# tools/gpu/gpu_check.sh, in ONE git-ignored folder (default gpu_kit/,
 # at most ~60 MB):
 #
 #   wheels/   the manylinux wheels, for the node's Python, of mmengine 0.10.7,

@@ -21,7 +21,7 @@
 #     to CPU ops when time remains; a failed build ends with status 4;
 #  4. installs the plugin from the kit's source snapshot (or CENET_KIT_SOURCE,
 #     a checkout) in editable mode, records check_env.py's report;
-#  5. runs tools/benchmarks/gpu_check.sh in the time left; without mmcv CUDA
+#  5. runs tools/gpu/gpu_check.sh in the time left; without mmcv CUDA
 #     ops its RoI steps (bench_detector, synthetic_data, train_amp) are SKIP
 #     with the reason, the others run on CUDA tensors;
 #  6. writes to CENET_GPU_CHECK_OUT (default <kit>/gpu_check_out) at most
@@ -340,7 +340,7 @@ PYEOF
   fi
   say "gpu_check.sh with ${budget} s"
   CENET_VENV="$VENV" OUT_DIR="$WORK/gpu_check" GPU_CHECK_BUDGET_S="$budget" \
-    GPU_CHECK_NO_CUDA_OPS_REASON="$BUILD_WHY" bash "$src_dir/tools/benchmarks/gpu_check.sh"
+    GPU_CHECK_NO_CUDA_OPS_REASON="$BUILD_WHY" bash "$src_dir/tools/gpu/gpu_check.sh"
   rc=$?
   case "$rc" in
     0) phase gpu_check PASS $(( $(date +%s) - t0 )) "every step that ran passed" ;;

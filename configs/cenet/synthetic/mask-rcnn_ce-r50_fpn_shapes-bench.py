@@ -1,6 +1,6 @@
 # Benchmark: CE-ResNet-50 Mask R-CNN trained from scratch on a synthetic
 # shapes set (6 classes, 2-5 shapes with occlusion, colour not tied to class,
-# noisy background; tools/benchmarks/multi_seed_ap.py generates the data and
+# noisy background; tools/experiments/multi_seed_ap.py generates the data and
 # compares with mask-rcnn_r50_fpn_shapes-bench.py at the same budget over
 # several seeds).
 #

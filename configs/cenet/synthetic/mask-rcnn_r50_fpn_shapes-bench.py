@@ -1,6 +1,6 @@
 # Benchmark baseline: MMDetection's BN ResNet-50 Mask R-CNN trained from
 # scratch, identical to mask-rcnn_ce-r50_fpn_shapes-bench.py except for the
-# backbone (plain ResNet: no CE). See tools/benchmarks/multi_seed_ap.py.
+# backbone (plain ResNet: no CE). See tools/experiments/multi_seed_ap.py.
 custom_imports = dict(imports=['cenet_mmdet'], allow_failed_imports=False)
 _base_ = './mask-rcnn_ce-r50_fpn_shapes-bench.py'
 

@@ -1,6 +1,6 @@
 """Run a Python script, then print its peak CUDA memory over the whole run.
 
-    python tools/benchmarks/cuda_peak.py SCRIPT [ARGS...]
+    python tools/gpu/cuda_peak.py SCRIPT [ARGS...]
 
 SCRIPT runs in this process as ``__main__`` (its folder first on
 ``sys.path``, ``sys.argv = [SCRIPT, ARGS...]``), e.g. a benchmark that reports

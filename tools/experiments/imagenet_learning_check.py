@@ -12,7 +12,7 @@ comparison would need a larger training set than BN can memorise, 3 or more
 seeds per arm and 400 or more validation images (at today's size about 8
 minutes per arm and seed on 2 cores, and more with the data it needs); it was
 not made, and the 2 cores went to the detection seeds instead: the multi-seed
-evidence is ``tools/benchmarks/multi_seed_ap.py`` (docs/evidence.md).
+evidence is ``tools/experiments/multi_seed_ap.py`` (docs/evidence.md).
 
 Each model runs ``tools/train.py`` (one process) with a config that inherits
 ``configs/cenet/imagenet/ce-resnet50_8xb32_in1k.py`` and replaces its schedule,
@@ -37,7 +37,7 @@ everything else is ``--cfg-options``.
 
 Usage::
 
-    python tools/benchmarks/imagenet_learning_check.py [--epochs 100] [--models ce [bn]]
+    python tools/experiments/imagenet_learning_check.py [--epochs 100] [--models ce [bn]]
 """
 import argparse
 import glob

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python tools/benchmarks/multi_seed_ap.py [--work-dir work_dirs/multi_seed_ap]
+    python tools/experiments/multi_seed_ap.py [--work-dir work_dirs/multi_seed_ap]
         [--pairs bn-ce gn-gnce] [--seeds 0 1 2 3 4] [--iters 300]
         [--num-train 800] [--num-val 300] [--jobs 2] [--threads 1]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness check (issue #14), one command on a machine with CUDA:
 #
-#   bash tools/benchmarks/gpu_check.sh
+#   bash tools/gpu/gpu_check.sh
 #
 # Steps, each under `timeout`, all within GPU_CHECK_BUDGET_S (default 600 s):
 #   cuda_layers     pytest -m cuda tests/test_cuda/test_cuda_ce.py: CE (d=64, 16,
@@ -17,7 +17,7 @@
 #                   against one process on the concatenated batch
 #   bench_backbones tools/benchmarks/bench_backbones.py --device cuda (R-50)
 #   bench_detector  tools/benchmarks/bench_detector.py --device cuda
-#                   (both through tools/benchmarks/cuda_peak.py: peak memory)
+#                   (both through tools/gpu/cuda_peak.py: peak memory)
 #   synthetic_data  tools/misc/make_synthetic_coco.py (16 train / 4 val images)
 #   train_amp       tools/train.py <SyncCE Mask R-CNN smoke config> --amp,
 #                   20 iterations + validation, one process; the loss at
@@ -178,7 +178,7 @@ pytest_keys() {  # name: the pytest summary line of its log
   fi
 }
 
-peak_keys() {  # name: the peak-memory line of tools/benchmarks/cuda_peak.py
+peak_keys() {  # name: the peak-memory line of tools/gpu/cuda_peak.py
   local line
   line="$(grep 'peak CUDA memory allocated:' "$OUT_DIR/$1.log" 2>/dev/null | tail -n 1)"
   KEYS[$1]="${line#peak CUDA memory allocated: }"
@@ -217,12 +217,12 @@ run_all() {
   run_step cuda_sync_ce 200 "$ROOT" "${pytest[@]}" tests/test_cuda/test_cuda_sync_ce.py
   [ "$DRY_RUN" = "1" ] || pytest_keys cuda_sync_ce
   # shellcheck disable=SC2046
-  run_step bench_backbones 150 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
+  run_step bench_backbones 150 "$ROOT" "$PY" tools/gpu/cuda_peak.py \
     tools/benchmarks/bench_backbones.py --device cuda --depths 50 --warmup 1 \
     --repeat 3 $(backbone_flags)
   [ "$DRY_RUN" = "1" ] || peak_keys bench_backbones
   if [ "$CUDA_OPS" = "1" ]; then
-    run_step bench_detector 180 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
+    run_step bench_detector 180 "$ROOT" "$PY" tools/gpu/cuda_peak.py \
       tools/benchmarks/bench_detector.py --device cuda --warmup 1 --repeat 3
     [ "$DRY_RUN" = "1" ] || peak_keys bench_detector
     run_step synthetic_data 60 "$ROOT" "$PY" tools/misc/make_synthetic_coco.py \
@@ -246,7 +246,7 @@ run_all() {
   fi
   if has_compile_flag; then
     # shellcheck disable=SC2046
-    run_step bench_compile 240 "$ROOT" "$PY" tools/benchmarks/cuda_peak.py \
+    run_step bench_compile 240 "$ROOT" "$PY" tools/gpu/cuda_peak.py \
       tools/benchmarks/bench_backbones.py --device cuda --depths 50 --warmup 1 \
       --repeat 3 --compile $(backbone_flags)
     [ "$DRY_RUN" = "1" ] || peak_keys bench_compile
