@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .models.layers import CE
+from .models.layers import is_ce_layer
 
 DEFAULT_THRESHOLD = 1e-3
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -179,11 +179,6 @@ def get_resnet_backbone(model: nn.Module) -> nn.Module:
             f'{", ".join(other_norms)} layers (norm_cfg GN, IN or LN), which '
             f'they do not cover')
     return backbone
-
-
-def is_ce_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a CE (or SyncCE) layer."""
-    return isinstance(module, CE)
 
 
 def norm_layers(backbone: nn.Module) -> List[Tuple[str, _BatchNorm]]:

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .models.layers.ce import RELEASED_CE_KEYS
+from .models.layers.block import RELEASED_CE_KEYS
 
 #: blocks per layer -> ResNet depth
 DEPTH_BY_BLOCKS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}

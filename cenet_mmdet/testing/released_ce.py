@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # Key names only; none of the computation is shared with the plugin.
-from ..models.layers.ce import RELEASED_CE_KEYS
+from ..models.layers.block import RELEASED_CE_KEYS
 
 
 class ReleasedAII(nn.Module):

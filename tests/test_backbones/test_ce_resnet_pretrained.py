@@ -18,7 +18,7 @@ import torch
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.converters import main as convert_main
 from cenet_mmdet.models.backbones import CEResNet
-from cenet_mmdet.models.layers.ce import RELEASED_CE_KEYS
+from cenet_mmdet.models.layers.block import RELEASED_CE_KEYS
 from cenet_mmdet.testing.released_resnet import (ReleasedCEResNet,
                                                  perturb_released_resnet_,
                                                  released_checkpoint,

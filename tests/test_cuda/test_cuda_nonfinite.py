@@ -50,7 +50,7 @@ def test_nan_batch_skipped_without_host_sync(monkeypatch):
 
 
 def test_skip_count_is_read_once_per_check_interval(monkeypatch):
-    from cenet_mmdet.models.layers import ce as ce_module
+    from cenet_mmdet.models.layers import ce_layer as ce_module
     logged = []
     monkeypatch.setattr(ce_module, 'print_log',
                         lambda message, **kwargs: logged.append(message))

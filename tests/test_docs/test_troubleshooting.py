@@ -48,7 +48,7 @@ SKIP_DIRS = ('cenet_mmdet/testing/',)
 # the code or of a benchmark's own construction). Keyed by (file, key).
 INTERNAL = {
     # ops.GradientLink is used by CE's own forward only
-    ('cenet_mmdet/ops/whitening.py', 'GradientLink joins two different inputs'),
+    ('cenet_mmdet/ops/autograd.py', 'GradientLink joins two different inputs'),
     # the lower bounds (floors.py, bench_backbones): checks of their own
     # model surgery
     ('tools/benchmarks/floors.py', 'floor: CE layers not replaced'),

@@ -8,7 +8,7 @@ strides that no batched GEMM accepts, and ATen then copies every ``(d, L)``
 matrix apart: one ``aten::copy_`` of a 2-D ``(d, L)`` or ``(L, d)`` tensor
 per sample and group, in the application's forward and in its backward. In a
 compiled CE-ResNet-50 train step these copies took about a fifth of the time.
-:func:`cenet_mmdet.ops.whitening.contiguous_for_compiler` enforces the
+:func:`cenet_mmdet.ops.modes.contiguous_for_compiler` enforces the
 contiguous strides of the GEMMs' activation-sized inputs. And the Functions
 save those inputs three-dimensional, ``(N*G, d, L)``: Inductor lays out a
 4-D tensor saved after a convolution channels-last (``G`` innermost for

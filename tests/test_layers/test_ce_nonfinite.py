@@ -15,7 +15,7 @@ import torch
 import cenet_mmdet  # noqa: F401
 from cenet_mmdet.models.backbones import CEResNet
 from cenet_mmdet.models.layers import CE, SyncCE
-from cenet_mmdet.models.layers import ce as ce_module
+from cenet_mmdet.models.layers import ce_layer as ce_module
 
 
 def buffers(layer):

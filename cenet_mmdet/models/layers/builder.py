@@ -26,7 +26,8 @@ from typing import Dict, Tuple
 
 from torch import nn
 
-from .ce import CE, CELayer
+from .ce import CE
+from .ce_layer import CELayer
 from .group_norm_ce import GroupNormCE
 from .sync_ce import SyncCE, SyncGroupNormCE
 

@@ -28,13 +28,14 @@ Design notes
   without communication; :class:`~cenet_mmdet.models.layers.SyncGroupNormCE`
   therefore synchronizes them with one collective.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ...ops import GradientLink, apply_maps, sample_moments
-from .ce import CELayer
+from ...ops import centred_sums, instance_variance, mean_and_covariance
+from .block import BlockStatistics, PerSampleAffine
+from .ce_layer import CELayer, Moments
 
 #: normalizers a GroupNormCE can be, and how many groups each one has
 PER_SAMPLE_NORMS = ('GN', 'IN', 'LN')
@@ -93,77 +94,65 @@ class GroupNormCE(CELayer, nn.GroupNorm):
             raise ValueError(
                 f'{norm}: num_groups={num_groups!r} must be a positive int that '
                 f'divides the {num_features} channels')
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-            raise ValueError(f'momentum must be a float in [0, 1], got {momentum!r}')
         super().__init__(num_groups, num_features, eps, affine)
         self.num_features = num_features
-        self.momentum = momentum
         self.norm = norm
-        self._init_ce_block(num_features, group_size, num_iters, ce_eps, reduction,
-                            whitening, variant, frozen_gate)
+        self._init_ce_block(num_features, momentum, group_size, num_iters, ce_eps,
+                            reduction, whitening, variant, frozen_gate)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, norm={self.norm!r}, momentum={self.momentum}'
 
-    def _forward(self, x: Tensor) -> Tensor:
-        """The layer, with autocast off and full-fp32 matmuls."""
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        n, c, h, w = x.shape
-        ce = self.ce
-        positions = h * w
-        # (N, C, H, W) -> (N, G, d, L): free for contiguous NCHW input.
-        x_grouped = x.to(compute_dtype).reshape(n, ce.num_groups, ce.group_size,
-                                                positions)
-        training = self._use_batch_stats()
-        if training:
-            self._check_batch(x_grouped)
-        # the moments' backward adds into the application's input gradient
-        link = GradientLink() if torch.is_grad_enabled() else None
-        # Moments about one value of each (image, channel): accurate however
-        # large |mean| / std is; the shift holds no gradient (the layer does
-        # not depend on it).
-        shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
-        source = x_grouped - shift
-        sums, second = sample_moments(source, training, link)
-        squares = second.diagonal(dim1=-2, dim2=-1) if training else second
-        scale, offset, deviations, mean_z = self._normalizer_maps(
-            sums, squares, shift.squeeze(-1), positions)
-        # unbiased per-instance variance of y = a x + b, (N, C)
-        instance_var_y = (self._instance_variance(deviations, positions)
-                          * scale.square().flatten(1))
-        if training:
-            whitening, aii_scale, mean_y = self._batch_block(
-                sums, second, scale, mean_z, instance_var_y, positions)
-        else:
-            whitening, aii_scale, mean_y = self._running_block(compute_dtype)
-        matrix, bias = self._maps(whitening, aii_scale, instance_var_y, scale,
-                                  offset, mean_y)
-        # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
-        out = apply_maps(matrix, bias, source, (n, c, h, w), link)
-        return out.to(x.dtype)
+    def _train_affine(self, moments: Moments, spatial: Tuple[int, int]
+                      ) -> Tuple[PerSampleAffine, BlockStatistics]:
+        """The normalizer's per-sample map and the block's batch statistics of
+        its output ``y``; the block's running buffers are updated.
 
-    def _normalizer_maps(self, sums: Tensor, squares: Tensor, shift: Tensor,
-                         positions: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The normalizer as ``y = a * source + b`` per (image, channel).
+        With ``z = y - beta``, per sample: the centred scatter of ``z_n`` is
+        ``diag(a_n) (G_n - S_n S_n^T / L) diag(a_n)`` and its mean is
+        ``mean_z``; the batch sums follow by adding the samples.
+        """
+        affine, mean_z = self._normalizer_affine(moments)
+        n, groups, size = moments.sums.shape
+        positions, scale = moments.positions, affine.scale
+        # per-sample centred scatter of u (= of x), (N, G, d, d)
+        scatter = centred_sums(moments.sums, moments.second, positions)
+        scatter_z = (scatter * scale.unsqueeze(-1) * scale.unsqueeze(-2)
+                     + positions * mean_z.unsqueeze(-1) * mean_z.unsqueeze(-2))
+        # sum z (C), sum z z^T (G, d, d), sum_n var_nc (C); without data the
+        # running buffers are not updated
+        total_sum, total_scatter, total_var, has_data, count, num_instances = (
+            self._reduce_batch_sums(positions * mean_z.sum(0), scatter_z.sum(0),
+                                    affine.instance_var.sum(0), n, positions))
+        mean_z_batch, cov_y = mean_and_covariance(total_sum.view(groups, size),
+                                                  total_scatter, count)
+        mean_y = mean_z_batch + self._normalizer_beta(mean_z_batch).view(groups, size)
+        stats = self.ce.batch_statistics(
+            mean_y, cov_y, total_var.sum() / (num_instances * groups * size))
+        self._commit_running(self.ce.running_updates(stats), has_data, mean_y)
+        return affine, stats
 
-        From the moments ``sums``, ``squares`` ``(N, G, d)`` of ``source = x -
-        shift`` (``shift`` ``(N, G, d)``), returns ``a``, ``b``, the sums of
-        squared deviations of each (image, channel) and the per-sample mean of
-        ``y - beta``, all ``(N, G, d)``.
+    def _eval_affine(self, moments: Moments) -> PerSampleAffine:
+        """The normalizer's per-sample map (it has no running statistics)."""
+        return self._normalizer_affine(moments)[0]
+
+    def _normalizer_affine(self, moments: Moments) -> Tuple[PerSampleAffine, Tensor]:
+        """The normalizer as ``y = a * u + b`` per (image, channel), and the
+        per-sample mean of ``y - beta`` ``(N, G, d)``.
 
         The group statistics are combined from per-channel ones (within plus
         between channels), with the channels' means taken relative to the
         shift of the group's first channel: no large number is subtracted
         from another unless the channel means themselves are that far apart.
         """
-        n, groups, size = sums.shape
+        n, groups, size = moments.sums.shape
+        positions = moments.positions
         norm_groups = self.num_groups
         per_group = self.num_features // norm_groups
-        mean_c = sums / positions  # mean of source per (n, c)
-        deviations = squares - sums * mean_c  # sum_l (x - mean_c)^2
+        deviations = moments.deviations  # sum_l (u - mean_c)^2, (N, G, d)
         # (N, G, d) -> (N, K, C/K): the normalizer's groups of channels
-        shift_k = shift.reshape(n, norm_groups, per_group)
-        mean_k = mean_c.reshape(n, norm_groups, per_group)
+        shift_k = moments.shift.reshape(n, norm_groups, per_group)
+        mean_k = (moments.sums / positions).reshape(n, norm_groups, per_group)
         relative = (shift_k - shift_k[..., :1]) + mean_k  # channel mean - ref
         centre = relative - relative.mean(-1, keepdim=True)  # mean_c - mu_nk
         var = (deviations.reshape(n, norm_groups, per_group).sum(-1) / positions
@@ -172,48 +161,13 @@ class GroupNormCE(CELayer, nn.GroupNorm):
         scale = rstd.expand(n, norm_groups, per_group)
         if self.affine:
             scale = scale * self.weight.to(rstd.dtype).view(norm_groups, per_group)
-        # y = a (source + shift - mu) + beta, shift - mu = centre - mean_c
+        # y = a (u + shift - mu) + beta, shift - mu = centre - mean_c
         mean_z = scale * centre  # per-sample mean of y - beta
-        offset = mean_z - scale * mean_k
-        if self.affine:
-            offset = offset + self.bias.to(rstd.dtype).view(norm_groups, per_group)
-        return (scale.reshape(n, groups, size), offset.reshape(n, groups, size),
-                deviations, mean_z.reshape(n, groups, size))
-
-    def _beta(self, like: Tensor) -> Tensor:
-        """The normalizer's shift ``beta`` ``(C,)`` (zeros without affine)."""
-        if self.affine:
-            return self.bias.to(like.dtype)
-        return like.new_zeros(self.num_features)
-
-    def _batch_block(self, sums: Tensor, gram: Tensor, scale: Tensor,
-                     mean_z: Tensor, instance_var_y: Tensor, positions: int
-                     ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-        """The block's batch statistics of ``y``: ``(whitening, aii_scale,
-        mean_y)``, after one :meth:`_reduce` of the packed sums, and the
-        running-buffer update.
-
-        With ``z = y - beta``, per sample: the centred scatter of ``z_n`` is
-        ``diag(a_n) (G_n - S_n S_n^T / L) diag(a_n)`` and its mean is
-        ``mean_z``; the batch sums follow by adding the samples.
-        """
-        n, groups, size = sums.shape
-        channels = groups * size
-        # per-sample centred scatter of the source (= of x), (N, G, d, d)
-        scatter = gram - sums.unsqueeze(-1) * (sums / positions).unsqueeze(-2)
-        scatter_z = (scatter * scale.unsqueeze(-1) * scale.unsqueeze(-2)
-                     + positions * mean_z.unsqueeze(-1) * mean_z.unsqueeze(-2))
-        # sum z (C), sum z z^T (G, d, d), sum_n var_nc (C); without data the
-        # running buffers are not updated
-        total_sum, total_scatter, total_var, has_data, count, num_instances = (
-            self._reduce_batch_sums(positions * mean_z.sum(0), scatter_z.sum(0),
-                                    instance_var_y.sum(0), n, positions))
-        mean_zb = (total_sum / count).view(groups, size)
-        cov_y = (total_scatter / count
-                 - mean_zb.unsqueeze(-1) * mean_zb.unsqueeze(-2))
-        mean_y = mean_zb + self._beta(mean_zb).view(groups, size)
-        whitening, aii_scale = self._block_statistics(
-            cov_y, total_var.sum() / (num_instances * channels))
-        self._commit_running(self._block_updates(mean_y, whitening, aii_scale),
-                             has_data, mean_y)
-        return whitening, aii_scale, mean_y
+        offset = (mean_z - scale * mean_k
+                  + self._normalizer_beta(rstd).view(norm_groups, per_group))
+        # unbiased per-instance variance of y = a u + b, (N, C)
+        instance_var_y = (instance_variance(deviations, positions)
+                          * scale.square().flatten(1))
+        affine = PerSampleAffine(scale.reshape(n, groups, size),
+                                 offset.reshape(n, groups, size), instance_var_y)
+        return affine, mean_z.reshape(n, groups, size)

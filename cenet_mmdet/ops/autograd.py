@@ -1,6 +1,13 @@
-"""Pure tensor functions of Channel Equilibrium (no modules, no registries).
+"""The autograd side of CE's ops: the fused Functions and the gradient link.
 
-Notation used throughout: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
+:func:`sample_moments` (per-sample sums and Gram matrices or squares) and
+:func:`apply_maps` (one per-sample affine map by one batched GEMM) are the two
+passes of a CE layer over its activations; each has a hand-written backward
+that makes one activation-sized gradient, and :class:`GradientLink` joins the
+two backward functions into one gradient tensor. Which implementation runs in
+which execution mode is decided by :mod:`cenet_mmdet.ops.modes`.
+
+Notation: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
 ``(N, G, d, L)`` with ``G`` groups of ``d`` contiguous channels and ``L = H * W``
 positions. For a contiguous NCHW tensor this view is free (no copy).
 """
@@ -9,32 +16,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-
-def resolve_group_size(num_channels: int, group_size: int) -> int:
-    """Return the whitening group size used for ``num_channels`` channels.
-
-    As in the released code, ``group_size`` is halved until it divides
-    ``num_channels``. Ending at a group size of 1 (no decorrelation at all)
-    while more was asked is refused with the sizes that would work.
-    """
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f'group_size must be a positive int, got {group_size!r}')
-    if not isinstance(num_channels, int) or num_channels < 1:
-        raise ValueError(
-            f'num_channels must be a positive int, got {num_channels!r}')
-    size = group_size
-    while num_channels % size:
-        size //= 2
-    if size == 1 and group_size > 1 and num_channels > 1:
-        possible = [
-            k for k in range(2, min(group_size, num_channels) + 1)
-            if num_channels % k == 0
-        ]
-        raise ValueError(
-            f'group_size={group_size} cannot split {num_channels} channels into '
-            f'groups (halving it ends at 1); possible group sizes for '
-            f'{num_channels} channels: {possible or "none above 1"}')
-    return size
+from . import modes
+from .modes import contiguous_for_compiler
 
 
 class GradientLink:
@@ -55,7 +38,7 @@ class GradientLink:
     def take(self, like: Tensor) -> Optional[Tensor]:
         """The handed-over gradient (once), or None."""
         grad, self.grad = self.grad, None
-        if grad is None or torch.is_grad_enabled():
+        if grad is None or modes.creating_graph():
             return None
         if grad.shape != like.shape:
             raise RuntimeError('GradientLink joins two different inputs: '
@@ -80,52 +63,14 @@ def sample_moments(x_grouped: Tensor,
         ``(N, G, d, d)``: :math:`\\sum_l x_l x_l^T`, or ``squares``
         ``(N, G, d)``: :math:`\\sum_l x_l^2`.
     """
-    link = _eager_link(link)
+    link = link if modes.link_allowed() else None
     if with_gram:
         return _GroupMoments.apply(x_grouped, link)
-    if _exporting():
+    if modes.plain_ops_only():
         return _instance_moments(x_grouped)
-    if not (torch.is_grad_enabled() and x_grouped.requires_grad):
+    if not modes.records_grad(x_grouped):
         return _instance_moments(_moment_source(x_grouped))
     return _InstanceMoments.apply(x_grouped, link)
-
-
-def _eager_link(link: Optional[GradientLink]) -> Optional[GradientLink]:
-    """``link``, or None under ``torch.compile``: the hand-over is a side
-    effect between two backward functions that a compiled graph cannot hold
-    (a graph break at each function); compiled, the two input gradients are
-    added by autograd (and fused by the compiler)."""
-    return None if torch.compiler.is_compiling() else link
-
-
-def _exporting() -> bool:
-    """Traced for TorchScript/ONNX: plain functional ops only (exporters
-    cannot see into an autograd Function nor follow ``out=`` writes)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-def contiguous_for_compiler(tensor: Tensor) -> Tensor:
-    """``tensor`` as is in eager mode and under ``torch.export``; under
-    ``torch.compile``, with its contiguous strides enforced.
-
-    Inductor's layout optimization (on by default on the CPU) gives the
-    convolutions channels-last outputs and lets the pointwise ops after them
-    inherit that order. An ``(N, G, d, L)`` view of such a tensor reaches
-    ``bmm`` as ``(N*G, d, L)`` with strides that no batched GEMM accepts, and
-    ATen then copies every ``(d, L)`` matrix apart: in a compiled
-    CE-ResNet-50 train step these copies took about a fifth of the time
-    (docs/dev/performance-methods.md). Enforcing the strides costs at most one layout
-    conversion, fused into the kernel that produces the tensor. (An eager
-    ``.contiguous()`` would be dropped by the compiler: traced, the tensor
-    already is contiguous.) Called inside the autograd Functions' forward
-    and backward, or on tensors that need no gradient: the prim has no
-    autograd formula.
-    """
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return tensor  # (an exported program must not hold an Inductor prim)
-    from torch._inductor import inductor_prims  # noqa: F401 (registers the prim)
-    return torch.ops.prims.inductor_force_stride_order(
-        tensor, torch._prims_common.make_contiguous_strides_for(tensor.shape))
 
 
 def _gemm_operand(x_grouped: Tensor) -> Tensor:
@@ -152,7 +97,7 @@ def _save_operand(ctx, x_grouped: Tensor, *others: Tensor,
     a double backward off from it), the 3-D operand ``x_flat`` (made here
     when None) when compiled."""
     operand = x_grouped
-    if torch.compiler.is_compiling():
+    if modes.is_compiling():
         operand = _gemm_operand(x_grouped) if x_flat is None else x_flat
     ctx.save_for_backward(*others, operand)
     ctx.grouped_shape = x_grouped.shape
@@ -172,7 +117,7 @@ def _moment_source(x_grouped: Tensor) -> Tensor:
     ``(N, G, d, L)``, so that Inductor writes that operand and takes the
     moments from it in one pass over the input (from the input itself, the
     moments were a second pass)."""
-    if not torch.compiler.is_compiling():
+    if not modes.is_compiling():
         return x_grouped
     return _gemm_operand(x_grouped).view(x_grouped.shape)
 
@@ -282,17 +227,15 @@ def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
         link: shared with the :func:`sample_moments` call on the same
             ``x_grouped`` (see :class:`GradientLink`). Default: None.
     """
-    if _exporting():
+    if modes.plain_ops_only():
         n, groups, size, positions = x_grouped.shape
         return torch.baddbmm(bias.reshape(n * groups, size, 1),
                              matrix.reshape(n * groups, size, size),
                              x_grouped.reshape(n * groups, size, positions)
                              ).reshape(out_shape)
-    needs_grad = torch.is_grad_enabled() and (
-        matrix.requires_grad or bias.requires_grad or x_grouped.requires_grad)
-    if needs_grad:
-        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape),
-                                _eager_link(link))
+    if modes.records_grad(matrix, bias, x_grouped):
+        link = link if modes.link_allowed() else None
+        return _ApplyMaps.apply(matrix, bias, x_grouped, tuple(out_shape), link)
     return _apply_flat(matrix, bias, _gemm_operand(x_grouped), out_shape)
 
 
@@ -338,7 +281,7 @@ class _ApplyMaps(torch.autograd.Function):
             # fresh (N, G, d, L) tensor: not a view, so that autograd may add
             # the moments' gradient into it in place
             matrix_t = matrix.reshape(batch, size, size).transpose(1, 2)
-            if torch.is_grad_enabled():  # create_graph=True: no out= writes
+            if modes.creating_graph():  # no out= writes
                 grad_x = torch.bmm(matrix_t, grad_flat).view(ctx.grouped_shape)
             else:
                 grad_x = x_flat.new_empty(ctx.grouped_shape)
@@ -346,121 +289,8 @@ class _ApplyMaps(torch.autograd.Function):
             # The moments' backward (which follows: the matrix depends on the
             # moments) adds its term and returns the total.
             if (ctx.link is not None and ctx.needs_input_grad[0]
-                    and not torch.is_grad_enabled()):
+                    and not modes.creating_graph()):
                 ctx.link.grad, grad_x = grad_x, None
         return grad_matrix, grad_bias, grad_x, None, None
 
 
-def inverse_sqrt_newton(covariance: Tensor,
-                        num_iters: int,
-                        rescale: bool = False) -> Tensor:
-    """Newton-Schulz iteration for the inverse square root, as released.
-
-    .. math::
-        \\Sigma_N = \\Sigma / \\mathrm{tr}(\\Sigma),\\quad P_0 = I,\\quad
-        P_{k+1} = \\tfrac{3}{2} P_k - \\tfrac{1}{2} P_k^3 \\Sigma_N
-
-    The released CE returns :math:`P_T` (no trace rescaling). With
-    ``rescale=True`` it returns :math:`P_T / \\sqrt{\\mathrm{tr}(\\Sigma)}`,
-    which converges to :math:`\\Sigma^{-1/2}` (the paper's whitening).
-
-    Args:
-        covariance: ``(G, d, d)`` symmetric positive definite.
-        num_iters: ``T >= 0``.
-
-    Returns:
-        ``(G, d, d)`` whitening matrices.
-    """
-    trace = covariance.diagonal(dim1=-2, dim2=-1).sum(-1)  # (G,)
-    normalized = covariance / trace[:, None, None]
-    eye = torch.eye(
-        covariance.size(-1), dtype=covariance.dtype, device=covariance.device)
-    if num_iters == 0:
-        whitening = eye.repeat(covariance.size(0), 1, 1)
-    else:
-        # P_1 = 1.5 I - 0.5 Sigma_N, without multiplying by the identity.
-        whitening = 1.5 * eye - 0.5 * normalized
-        for _ in range(num_iters - 1):
-            cube = torch.matmul(torch.matmul(whitening, whitening), whitening)
-            whitening = torch.baddbmm(
-                whitening, cube, normalized, beta=1.5, alpha=-0.5)
-    if rescale:
-        whitening = whitening * trace.rsqrt()[:, None, None]
-    return whitening
-
-
-def shifted_moments(sums: Tensor, gram: Tensor, offset: Tensor,
-                    positions: int) -> Tuple[Tensor, Tensor]:
-    """Move per-sample moments to a common shift, exactly.
-
-    With moments of :math:`x - s_n` (one shift per sample) and
-    :math:`\\delta_n = s_n - t`, the moments of :math:`x - t` are
-
-    .. math::
-        \\sum_l (x_l - t) = S_n + L \\delta_n,\\quad
-        \\sum_l (x_l - t)(x_l - t)^T = G_n + S_n \\delta_n^T
-            + \\delta_n S_n^T + L \\delta_n \\delta_n^T
-
-    Both shifts are close to the data, so no term is large unless the data
-    really spread that far (then the statistics are large as well).
-
-    Args:
-        sums: ``(N, G, d)``, :math:`S_n`.
-        gram: ``(N, G, d, d)``, :math:`G_n`.
-        offset: ``(N, G, d)``, :math:`\\delta_n` (no gradient needed).
-        positions: ``L``.
-
-    Returns:
-        ``sums`` ``(N, G, d)`` and ``gram`` ``(N, G, d, d)`` about ``t``.
-    """
-    cross = sums.unsqueeze(-1) * offset.unsqueeze(-2)  # (N, G, d, d): S_n delta_n^T
-    outer = offset.unsqueeze(-1) * offset.unsqueeze(-2)  # (N, G, d, d)
-    gram = gram + cross + cross.transpose(-1, -2) + positions * outer
-    return sums + positions * offset, gram
-
-
-def fold_channel_equilibrium(
-        lam: Tensor,
-        whitening: Tensor,
-        instance_scale: Tensor,
-        bn_scale: Tensor,
-        bn_shift: Tensor,
-        center: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Fold BN affine, BD and AII into one per-sample affine map.
-
-    With :math:`y_n = a \\odot x_n + b_n` (the BN output, for an input that
-    may carry a per-sample shift) the CE output is
-
-    .. math::
-        p_n = \\lambda W (y_n - \\mu) + \\mathrm{diag}(k_n) y_n
-            = M_n x_n + c_n,\\quad
-        M_n = (\\lambda W + \\mathrm{diag}(k_n))\\,\\mathrm{diag}(a),\\quad
-        c_n = \\lambda W (b_n - \\mu) + k_n \\odot b_n
-
-    where :math:`k_n = (1-\\lambda)\\, g_n / s` is the AII diagonal and
-    :math:`\\mu = 0` for the released function (BD on the uncentred input).
-    The diagonal is built by broadcasting against an identity (no
-    ``diag_embed``, which the TorchScript ONNX exporter lacks).
-
-    Args:
-        lam: scalar tensor, :math:`\\lambda`.
-        whitening: ``(G, d, d)``, :math:`W`.
-        instance_scale: ``(N, G, d)``, :math:`k_n`.
-        bn_scale: ``(G, d)``, :math:`a`.
-        bn_shift: ``(N, G, d)`` or ``(G, d)``, :math:`b_n`.
-        center: ``(G, d)`` or ``None``, :math:`\\mu`.
-
-    Returns:
-        ``matrix`` ``(N, G, d, d)`` and ``bias`` ``(N, G, d, 1)``.
-    """
-    scaled_whitening = lam * whitening  # (G, d, d)
-    eye = torch.eye(whitening.size(-1), dtype=whitening.dtype,
-                    device=whitening.device)
-    # (G, d, d) + (N, G, d, 1) * (d, d) -> (N, G, d, d), columns scaled by a
-    matrix = torch.addcmul(scaled_whitening, instance_scale.unsqueeze(-1), eye)
-    matrix = matrix * bn_scale[..., None, :]
-    centred_shift = bn_shift if center is None else bn_shift - center
-    # (G, d, d) @ (..., G, d, 1) + (N, G, d, 1) -> (N, G, d, 1)
-    bias = torch.addcmul(torch.matmul(scaled_whitening, centred_shift.unsqueeze(-1)),
-                         instance_scale.unsqueeze(-1), bn_shift.unsqueeze(-1))
-    return matrix, bias
