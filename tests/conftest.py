@@ -35,7 +35,7 @@ torch.set_num_threads(1)
 def pytest_configure(config) -> None:
     """Register this suite's markers."""
     config.addinivalue_line(
-        'markers', 'cuda: needs a CUDA device (run by tools/benchmarks/gpu_check.sh)')
+        'markers', 'cuda: needs a CUDA device (run by tools/gpu/gpu_check.sh)')
 
 
 # ------------------------------------------------------- process-wide state

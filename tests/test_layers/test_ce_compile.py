@@ -30,7 +30,7 @@ entry (gradients: of the largest gradient of the module, see
 The compiled Mask R-CNN (the smoke config through ``Runner(compile=True)``
 and its backbone compiled in eval) takes minutes to compile on a 2-core CPU:
 it runs here only with ``CENET_COMPILE_DETECTOR=1`` and is part of
-``tests/test_cuda/test_cuda_compile.py`` (tools/benchmarks/gpu_check.sh).
+``tests/test_cuda/test_cuda_compile.py`` (tools/gpu/gpu_check.sh).
 
 The helpers take a ``device``: ``tests/test_cuda/test_cuda_compile.py``
 runs the same scenarios on CUDA tensors.
