@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .models.layers import is_ce_layer
+from .models.layers import CE, is_ce_layer
 
 DEFAULT_THRESHOLD = 1e-3
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
