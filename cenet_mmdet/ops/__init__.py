@@ -1,14 +1,15 @@
 """CE's ops, in three modules: :mod:`.functional` (pure tensor math),
 :mod:`.autograd` (the fused Functions and the gradient link) and
 :mod:`.modes` (every execution-mode predicate and workaround)."""
-from .autograd import GradientLink, apply_maps, sample_moments
-from .functional import (centred_sums, fold_channel_equilibrium,
+from .autograd import GradientLink, apply_maps, constant_maps, sample_moments
+from .functional import (FoldConstants, centred_sums, fold_channel_equilibrium,
+                         fold_constants,
                          instance_variance, inverse_sqrt_newton,
                          mean_and_covariance, resolve_group_size,
                          shifted_moments)
 
 __all__ = [
-    'GradientLink', 'apply_maps', 'centred_sums', 'mean_and_covariance',
+    'FoldConstants', 'GradientLink', 'apply_maps', 'constant_maps', 'fold_constants', 'centred_sums', 'mean_and_covariance',
     'fold_channel_equilibrium', 'instance_variance', 'inverse_sqrt_newton',
     'resolve_group_size', 'sample_moments', 'shifted_moments'
 ]

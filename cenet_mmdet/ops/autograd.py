@@ -294,3 +294,98 @@ class _ApplyMaps(torch.autograd.Function):
         return grad_matrix, grad_bias, grad_x, None, None
 
 
+
+
+def constant_maps(sums: Tensor, squares: Tensor, positions: int,
+                  constants: 'FoldConstants',
+                  shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The per-sample maps of an eval CE layer from its moments and its
+    :class:`~cenet_mmdet.ops.functional.FoldConstants`: the gate, then the
+    fold (one autograd Function with a hand-written backward to ``sums`` and
+    ``squares``; the constants take no gradient).
+
+    Args:
+        sums, squares: ``(N, G, d)``, the per-sample moments of the input
+            about ``shift`` (``(N, G, d)``, or None: the input itself).
+        positions: ``L``.
+        constants: the layer's constants (:func:`fold_constants`).
+
+    Returns:
+        ``matrix`` ``(N, G, d, d)`` and ``bias`` ``(N, G, d, 1)``.
+    """
+    return _ConstantMaps.apply(sums, squares, positions, constants, shift)
+
+
+class _ConstantMaps(torch.autograd.Function):
+    r"""``(S, Q) -> (M, c)`` for constant :math:`P, D, Q, b, K, F`:
+
+    .. math::
+        v = \max(a^2 \odot (Q - S^2 / L), 0) / (L - 1),\quad
+        k = K\, \sigma(W_2\, \mathrm{ReLU}(\mathrm{LN}(W_1 v))),\quad
+        M = P + \mathrm{diag}(k) D,\quad c = Q + k \odot b
+
+    Backward: :math:`\partial k = \mathrm{diag}(\partial M) \odot a +
+    \partial c \odot b`, then the gate's chain by hand (``sigmoid_backward``,
+    two GEMMs, ``threshold_backward``, ``native_layer_norm_backward``), and
+    :math:`\partial Q = \partial D_{ev}`, :math:`\partial S = -2 S
+    \partial D_{ev} / L` for the deviations :math:`D_{ev} = Q - S^2/L`.
+    """
+
+    @staticmethod
+    def forward(ctx, sums: Tensor, squares: Tensor, positions: int,
+                constants, shift: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        n, groups, size = sums.shape
+        reduce, norm_weight, norm_bias, expand = constants.gate
+        # sum of squared deviations per (image, channel), (N, G, d)
+        deviations = torch.addcmul(squares, sums, sums, value=-1.0 / positions)
+        # a^2 * deviations, (N, C); the variance is it / (L - 1), clamped at 0
+        scaled = deviations.view(n, groups * size) * constants.variance_scale
+        variance = scaled.clamp_min(0)
+        # (N, C) @ (C, H) / (L - 1) -> (N, H)
+        hidden = torch.addmm(norm_bias, variance, reduce.t(), beta=0,
+                             alpha=1.0 / (positions - 1))
+        normed, mean, rstd = torch.native_layer_norm(
+            hidden, norm_weight.shape, norm_weight, norm_bias, constants.gate_eps)
+        activated = normed.relu()
+        gate = torch.sigmoid(torch.mm(activated, expand.t()))  # (N, C)
+        instance_scale = (gate * constants.gate_scale).view(n, groups, size)
+        shift_n, bias_n = constants.shift, constants.bias
+        if shift is not None:  # b + a t_n and Q + P t_n, (N, G, d)
+            shift_n = torch.addcmul(shift_n, constants.scale, shift)
+            bias_n = bias_n + torch.matmul(constants.whitened,
+                                           shift.unsqueeze(-1)).squeeze(-1)
+        # (G, d, d) + (N, G, d, 1) * (G, d, d) -> (N, G, d, d)
+        matrix = torch.addcmul(constants.whitened, instance_scale.unsqueeze(-1),
+                               constants.diagonal)
+        bias = torch.addcmul(bias_n, instance_scale, shift_n).unsqueeze(-1)
+        ctx.save_for_backward(sums, scaled, hidden, mean, rstd, activated, gate,
+                              shift_n)
+        ctx.constants, ctx.positions = constants, positions
+        return matrix, bias
+
+    @staticmethod
+    def backward(ctx, grad_matrix: Optional[Tensor], grad_bias: Optional[Tensor]):
+        sums, scaled, hidden, mean, rstd, activated, gate, shift_n = ctx.saved_tensors
+        constants, positions = ctx.constants, ctx.positions
+        reduce, norm_weight, norm_bias, expand = constants.gate
+        n = sums.size(0)
+        # dk = diag(dM) * a + dc * b, (N, G, d)
+        grad_scale = sums.new_zeros(sums.shape)
+        if grad_matrix is not None:
+            grad_scale = grad_matrix.diagonal(dim1=-2, dim2=-1) * constants.scale
+        if grad_bias is not None:
+            grad_scale = torch.addcmul(grad_scale, grad_bias.squeeze(-1), shift_n)
+        grad_gate = grad_scale.reshape(n, scaled.size(1)) * constants.gate_scale  # (N, C)
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)
+        grad_activated = torch.mm(grad_logits, expand)  # (N, H)
+        grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
+        grad_hidden = torch.ops.aten.native_layer_norm_backward(
+            grad_normed, hidden, norm_weight.shape, mean, rstd, norm_weight,
+            norm_bias, [True, False, False])[0]
+        # (N, H) @ (H, C) / (L - 1) -> (N, C), through the clamp at 0
+        grad_variance = torch.addmm(constants.variance_scale, grad_hidden, reduce,
+                                    beta=0, alpha=1.0 / (positions - 1))
+        grad_variance = grad_variance.masked_fill_(scaled < 0, 0)
+        grad_squares = (grad_variance * constants.variance_scale).view(sums.shape)
+        grad_sums = (grad_squares * sums).mul_(-2.0 / positions)
+        return grad_sums, grad_squares, None, None, None

@@ -6,13 +6,14 @@ Notation: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
 positions; ``S`` are sums over positions (or samples), ``Q`` sums of squares
 and ``G_n`` Gram matrices :math:`\\sum_l x_l x_l^T`.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
-def centred_sums(sums: Tensor, second: Tensor, count) -> Tensor:
+def centred_sums(sums: Tensor, second: Tensor, count,
+                 mean: Optional[Tensor] = None) -> Tensor:
     """Sums of centred products from raw sums over ``count`` values.
 
     .. math::
@@ -23,11 +24,13 @@ def centred_sums(sums: Tensor, second: Tensor, count) -> Tensor:
         second: ``(..., d, d)`` (Gram matrices) or ``(..., d)`` (their
             diagonals, the sums of squares).
         count: a number or a tensor that broadcasts against ``sums``.
+        mean: ``sums / count`` when the caller has it already. Default: None.
 
     Returns:
         the centred sums, shaped like ``second``.
     """
-    mean = sums / count
+    if mean is None:
+        mean = sums / count
     if second.dim() == sums.dim():
         return second - sums * mean
     return second - sums.unsqueeze(-1) * mean.unsqueeze(-2)
@@ -188,3 +191,60 @@ def fold_channel_equilibrium(
     bias = torch.addcmul(torch.matmul(scaled_whitening, centred_shift.unsqueeze(-1)),
                          instance_scale.unsqueeze(-1), bn_shift.unsqueeze(-1))
     return matrix, bias
+
+
+class FoldConstants(NamedTuple):
+    """What a CE layer's maps take from its parameters and running statistics
+    alone (eval), so that per call only the gate depends on the input:
+
+    .. math::
+        k_n = K\\, F(v_n),\\quad M_n = P + \\mathrm{diag}(k_n) D,\\quad
+        c_n = Q + k_n \\odot b
+
+    with :math:`P = \\lambda W \\mathrm{diag}(a)`, :math:`D = \\mathrm{diag}(a)`,
+    :math:`Q = \\lambda W (b - \\mu)`, :math:`K = (1 - \\lambda) / s` and
+    :math:`v_n = a^2 \\odot \\mathrm{Var}(x_n)` (the fold of
+    :func:`fold_channel_equilibrium` with the terms grouped by what they
+    depend on). For an input about a per-sample shift :math:`t_n`, ``b``
+    becomes :math:`b + a \\odot t_n` and ``Q`` :math:`Q + P t_n`.
+    """
+
+    #: ``(G, d, d)``, :math:`P`
+    whitened: Tensor
+    #: ``(G, d, d)``, :math:`D`
+    diagonal: Tensor
+    #: ``(G, d)``, :math:`a`
+    scale: Tensor
+    #: ``(G, d)``, :math:`b`
+    shift: Tensor
+    #: ``(G, d)``, :math:`Q`
+    bias: Tensor
+    #: ``(C,)``, :math:`a^2`
+    variance_scale: Tensor
+    #: ``()``, :math:`K`
+    gate_scale: Tensor
+    #: the gate :math:`F`: ``(W_1, LN weight, LN bias, W_2)`` and the LN eps
+    gate: Tuple[Tensor, Tensor, Tensor, Tensor]
+    gate_eps: float
+
+
+def fold_constants(lam: Tensor, whitening: Tensor, scale: Tensor, shift: Tensor,
+                   center: Optional[Tensor], aii_scale: Tensor,
+                   gate: Tuple[Tensor, Tensor, Tensor, Tensor],
+                   gate_eps: float) -> FoldConstants:
+    """The :class:`FoldConstants` of a layer: ``lam`` ``(1,)``, ``whitening``
+    ``(G, d, d)``, ``scale`` and ``shift`` ``(G, d)`` (the normalizer's
+    map), ``center`` ``(G, d)`` or None, ``aii_scale`` ``(1,)``."""
+    scaled_whitening = lam * whitening  # (G, d, d)
+    eye = torch.eye(whitening.size(-1), dtype=whitening.dtype,
+                    device=whitening.device)
+    centred = shift if center is None else shift - center
+    # (G, d, d) @ (G, d, 1) -> (G, d)
+    bias = torch.matmul(scaled_whitening, centred.unsqueeze(-1)).squeeze(-1)
+    return FoldConstants(
+        whitened=scaled_whitening * scale[..., None, :],
+        diagonal=eye * scale[..., None, :],
+        scale=scale, shift=shift, bias=bias,
+        variance_scale=scale.square().flatten(),
+        gate_scale=((1 - lam) / aii_scale).reshape(()),
+        gate=gate, gate_eps=gate_eps)

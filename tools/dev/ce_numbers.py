@@ -9,7 +9,8 @@ For a refactor that must not change the numbers: run ``save`` before it and
 For every layer (CE, SyncCE, GroupNormCE over GN/IN/LN, SyncGroupNormCE, with
 every block variant, both whitening modes, ``pool_stats``, frozen gate, no
 affine), in float32 and float64, on a plain and a large-mean input, and for
-each mode (train; eval with grad, i.e. frozen CE; eval without grad) it saves
+each mode (train; eval with grad; eval with frozen parameters, the paper's
+setting (1); eval without grad) it saves
 the output, the input gradient, the parameter gradients and the buffers after
 the step. SyncCE and SyncGroupNormCE also run in two gloo processes on halves
 of the batch. ``compare`` prints, per quantity kind, how many are equal bit for
@@ -80,8 +81,11 @@ def _weights(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _step(layer, x: torch.Tensor, weights: torch.Tensor, mode: str) -> Dict:
-    """One step in ``mode``: 'train', 'frozen' (eval with grad), 'eval' (no grad)."""
+    """One step in ``mode``: 'train', 'frozen' (eval with grad), 'frozen1'
+    (eval, parameters frozen: the paper's setting (1)), 'eval' (no grad)."""
     layer.train(mode == 'train')
+    if mode == 'frozen1':
+        layer.requires_grad_(False)
     x = x.clone().requires_grad_(mode != 'eval')
     layer.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(mode != 'eval'):
@@ -106,7 +110,7 @@ def local_numbers() -> Dict[str, torch.Tensor]:
         for kind in ('plain', 'largemean'):
             x, weights = _input(kind, dtype), _weights(dtype)
             for name, cls, options in _variants():
-                for mode in ('train', 'frozen', 'eval'):
+                for mode in ('train', 'frozen', 'frozen1', 'eval'):
                     layer = _make_layer(cls, options, dtype)
                     step = _step(layer, x, weights, mode)
                     key = f'{name}/{str(dtype)[6:]}/{kind}/{mode}'

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import (fold_channel_equilibrium, inverse_sqrt_newton,
-                    resolve_group_size)
+from ...ops import (FoldConstants, fold_channel_equilibrium, fold_constants,
+                    inverse_sqrt_newton, resolve_group_size)
 
 WHITENING_MODES = ('released', 'paper')
 #: the block's variants (paper Table 4): both branches, BD only, AII only
@@ -269,6 +269,22 @@ class CEBlock(nn.Module):
         return fold_channel_equilibrium(
             lam, whitening, instance_scale.view(-1, groups, size), scale,
             affine.shift, center)
+
+    def fold_constants(self, stats: BlockStatistics, scale: Tensor,
+                       shift: Tensor) -> FoldConstants:
+        """Everything of :meth:`maps` that does not depend on the input, for
+        running statistics ``stats`` and a normalizer map ``y = a u + b`` with
+        ``scale`` ``a`` and ``shift`` ``b`` ``(G, d)`` shared by the samples
+        (:class:`~cenet_mmdet.ops.FoldConstants`; blocks with AII only)."""
+        groups, size = self.num_groups, self.group_size
+        whitening = stats.whitening
+        if whitening is None:  # AII only: lam = 0, no BD term
+            whitening = scale.new_zeros(groups, size, size)
+        center = stats.mean if self.whitening == 'paper' and self.has_bd else None
+        reduce, norm, _, expand = self.aii.gate
+        return fold_constants(
+            self.mixing(scale), whitening, scale, shift, center, stats.aii_scale,
+            (reduce.weight, norm.weight, norm.bias, expand.weight), norm.eps)
 
     # --------------------------------------------------------------- loading
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,

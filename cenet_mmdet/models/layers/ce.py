@@ -35,13 +35,14 @@ Design notes
 * Loads are recorded: ``ce.loaded`` says whether the CE block's tensors have
   come from a state dict (see ``CEResNet.check_ce_weights``).
 """
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import instance_variance, mean_and_covariance, shifted_moments
+from ...ops import (FoldConstants, instance_variance, mean_and_covariance,
+                    modes, shifted_moments)
 from .block import BlockStatistics, PerSampleAffine
 from .ce_layer import CELayer, Moments
 
@@ -117,7 +118,7 @@ class CE(CELayer, nn.BatchNorm2d):
         shift, positions = moments.shift, moments.positions
         n, groups, size = moments.sums.shape
         channels = groups * size
-        instance_var = instance_variance(moments.deviations, positions)  # (N, C)
+        instance_var = instance_variance(moments.deviations(), positions)  # (N, C)
         # Batch sums about one reference t shared by all workers.
         reference = self._common_shift(shift)  # (G, d)
         offset = shift - reference  # (N, G, d)
@@ -172,6 +173,40 @@ class CE(CELayer, nn.BatchNorm2d):
         cov = torch.matmul(centred, centred.transpose(-1, -2)).sum(0) / count
         return mean_y, cov
 
+    def _eval_constants(self, dtype: torch.dtype) -> Optional[FoldConstants]:
+        """BN's map and the block's fold from running statistics and
+        parameters, computed once and kept while none of those tensors changes
+        (cached per switch to eval, checked by each tensor's version, storage
+        and device) and none of them takes a gradient: eval, and the frozen
+        setting (1). None (computed in the graph) when traced or compiled, for
+        a block without AII, or when the gate's dtype differs."""
+        ce = self.ce
+        if not (ce.has_aii and modes.is_eager()):
+            return None
+        sources = self._constant_sources()
+        if modes.records_grad(*sources) or ce.aii.gate[0].weight.dtype != dtype:
+            return None
+        key = (dtype, [(t._version, t.data_ptr(), t.device) for t in sources])
+        if self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        groups, size = ce.num_groups, ce.group_size
+        with torch.no_grad():
+            bn_scale = self._bn_scale(self.running_var.to(dtype))
+            scale = bn_scale.view(groups, size)
+            beta = self._normalizer_beta(bn_scale).view(groups, size)
+            # b = beta - a * running_mean, (G, d)
+            shift = torch.addcmul(beta, scale,
+                                  self.running_mean.to(dtype).view(groups, size),
+                                  value=-1)
+            constants = ce.fold_constants(ce.running_statistics(dtype), scale, shift)
+        self._eval_cache = (key, constants)
+        return constants
+
+    def _constant_sources(self) -> List[Tensor]:
+        """Every tensor the eval constants come from."""
+        return list(self.parameters()) + [
+            buffer for buffer in self.buffers() if buffer.is_floating_point()]
+
     def _eval_affine(self, moments: Moments) -> PerSampleAffine:
         """BN's map from its running statistics, for ``u = x - shift`` (or
         ``x``)."""
@@ -189,6 +224,6 @@ class CE(CELayer, nn.BatchNorm2d):
         else:
             bn_shift = torch.addcmul(beta, scale_g, moments.shift - running_mean)
         # unbiased per-instance variance of y = a x, (N, C)
-        instance_var_y = (instance_variance(moments.deviations, moments.positions)
+        instance_var_y = (instance_variance(moments.deviations(), moments.positions)
                           * bn_scale.square())
         return PerSampleAffine(scale_g, bn_shift, instance_var_y)

@@ -33,7 +33,8 @@ import torch
 from mmengine.logging import print_log
 from torch import Tensor
 
-from ...ops import GradientLink, apply_maps, centred_sums, sample_moments
+from ...ops import (FoldConstants, GradientLink, apply_maps, centred_sums,
+                    constant_maps, sample_moments)
 from ...ops import modes
 from .block import BlockStatistics, CEBlock, PerSampleAffine
 
@@ -49,25 +50,23 @@ class Moments(NamedTuple):
     sums: Tensor
     #: ``(N, G, d, d)`` Gram matrices (training) or ``(N, G, d)`` squares
     second: Tensor
-    #: ``(N, G, d)``, :math:`\\sum_l u_l^2`
-    squares: Tensor
-    #: ``(N, G, d)``, :math:`\\sum_l (u_l - \\bar u)^2` per (image, channel)
-    deviations: Tensor
-
-    @classmethod
-    def of(cls, source: Tensor, shift: Optional[Tensor], sums: Tensor,
-           second: Tensor) -> 'Moments':
-        """The moments ``sums``, ``second`` of ``source``, with the derived
-        squares and deviations (computed once)."""
-        squares = (second if second.dim() == sums.dim()
-                   else second.diagonal(dim1=-2, dim2=-1))
-        deviations = centred_sums(sums, squares, source.size(-1))
-        return cls(source, shift, sums, second, squares, deviations)
 
     @property
     def positions(self) -> int:
         """``L = H * W``."""
         return self.source.size(-1)
+
+    @property
+    def squares(self) -> Tensor:
+        """``(N, G, d)``, :math:`\\sum_l u_l^2` (a view)."""
+        if self.second.dim() == self.sums.dim():
+            return self.second
+        return self.second.diagonal(dim1=-2, dim2=-1)
+
+    def deviations(self) -> Tensor:
+        """``(N, G, d)``, :math:`\\sum_l (u_l - \\bar u)^2` per (image, channel)
+        (computed at each call: call it once)."""
+        return centred_sums(self.sums, self.squares, self.positions)
 
 
 class CELayer:
@@ -118,6 +117,8 @@ class CELayer:
                              persistent=False)
         self._nonfinite_seen = 0
         self._updates_unread = 0
+        #: (key, FoldConstants) of eval (see :meth:`_eval_constants`)
+        self._eval_cache = None
 
     @property
     def frozen_gate(self) -> bool:
@@ -175,18 +176,33 @@ class CELayer:
         link = (GradientLink() if modes.records_grad()
                 and self._moments_in_graph(training) else None)
         moments = self._moments(x_grouped, training, link)
-        if training:
-            affine, stats = self._train_affine(moments, (h, w))
+        constants = None if training else self._eval_constants(compute_dtype)
+        if constants is not None:  # eval: only the gate depends on the input
+            matrix, bias = constant_maps(moments.sums, moments.squares,
+                                         moments.positions, constants,
+                                         moments.shift)
         else:
-            affine = self._eval_affine(moments)
-            stats = self.ce.running_statistics(compute_dtype)
-        matrix, bias = self.ce.maps(stats, affine)
+            if training:
+                affine, stats = self._train_affine(moments, (h, w))
+            else:
+                affine = self._eval_affine(moments)
+                stats = self.ce.running_statistics(compute_dtype)
+            matrix, bias = self.ce.maps(stats, affine)
         # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
         out = apply_maps(matrix, bias, moments.source, (n, c, h, w), link)
         return out.to(x.dtype)
 
     def _use_batch_stats(self) -> bool:
         return self.training
+
+    def train(self, mode: bool = True):
+        self._eval_cache = None  # recomputed once per switch to eval
+        return super().train(mode)
+
+    def _eval_constants(self, dtype: torch.dtype) -> Optional[FoldConstants]:
+        """The eval maps' input-independent part, or None where the layer
+        computes it in the graph (the default)."""
+        return None
 
     def _moments_in_graph(self, training: bool) -> bool:
         """Whether the layer's output depends on the moments (then the
@@ -207,25 +223,32 @@ class CELayer:
         """
         if (self.UNSHIFTED_EVAL and not training
                 and modes.may_branch_on_data(x_grouped)):
-            moments = Moments.of(x_grouped, None,
-                                 *sample_moments(x_grouped, False, link))
-            if self._unshifted_is_accurate(moments.squares, moments.deviations):
+            moments = Moments(x_grouped, None, *sample_moments(x_grouped, False, link))
+            if self._unshifted_is_accurate(moments.sums, moments.squares,
+                                           moments.positions):
                 return moments
             # (dropped, with their autograd node: shifted below)
         shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
         source = x_grouped - shift
-        return Moments.of(source, shift.squeeze(-1),
-                          *sample_moments(source, training, link))
+        return Moments(source, shift.squeeze(-1),
+                       *sample_moments(source, training, link))
 
-    def _unshifted_is_accurate(self, squares: Tensor, deviations: Tensor) -> bool:
+    def _unshifted_is_accurate(self, sums: Tensor, squares: Tensor,
+                               positions: int) -> bool:
         """Whether every ``(image, channel)`` has ``mean^2 <= R var`` (``R =``
         :attr:`UNSHIFTED_MEAN_RATIO`), so that the one-pass deviations
         ``D = Q - S^2 / L`` lose at most ``log10(1 + R)`` digits. With the
         squares ``Q = L (mean^2 + var)`` and ``D = L var`` that is
-        ``Q <= (1 + R) D`` (NaN compares False)."""
+        ``Q <= (1 + R) D``, i.e. ``Q - (1 + R) S^2 / (R L) >= 0``: one
+        ``addcmul`` and one ``min`` (NaN compares False). ``R <= 0`` never
+        takes the input itself."""
+        ratio = self.UNSHIFTED_MEAN_RATIO
+        if ratio <= 0:
+            return False
         with torch.no_grad():
-            return bool(torch.all(
-                squares <= deviations * (1 + self.UNSHIFTED_MEAN_RATIO)))
+            margin = torch.addcmul(squares, sums, sums,
+                                   value=-(1 + ratio) / (ratio * positions))
+            return margin.numel() == 0 or margin.min().item() >= 0
 
     def _train_affine(self, moments: Moments, spatial: Tuple[int, int]
                       ) -> Tuple[PerSampleAffine, BlockStatistics]:
@@ -277,17 +300,27 @@ class CELayer:
         Both are decided on the device (``torch.where``: no host
         synchronization)."""
         with torch.no_grad():
-            finite = torch.stack([torch.isfinite(value).all()
-                                  for _, value in updates]).all()
+            buffers = [buffer for buffer, _ in updates]
+            # every new statistic in one flat tensor: (sum of sizes,)
+            values = torch.cat([value.reshape(-1) for _, value in updates])
+            # 0 * x is 0 for every finite x and NaN otherwise: one reduction
+            finite = (values * 0).sum() == 0
             accept = has_data & finite
             self.nonfinite_skips.add_((has_data & ~finite).to(self.nonfinite_skips.dtype))
             tracked = getattr(self, 'num_batches_tracked', None)
             if tracked is not None:
                 tracked.add_(accept.to(tracked.dtype))
-            for buffer, value in updates:
+            if all(buffer.dtype == values.dtype for buffer in buffers):
                 # lerp(b, b, w) == b exactly: a rejected update changes nothing
-                value = torch.where(accept, value.to(buffer.dtype), buffer)
-                buffer.lerp_(value, self.momentum)
+                values = torch.where(accept, values,
+                                     torch.cat([b.reshape(-1) for b in buffers]))
+                chosen = [part.view_as(buffer) for part, buffer in zip(
+                    values.split([b.numel() for b in buffers]), buffers)]
+                torch._foreach_lerp_(buffers, chosen, self.momentum)
+            else:  # buffers in another dtype than the statistics (a .half() model)
+                for buffer, (_, value) in zip(buffers, updates):
+                    value = torch.where(accept, value.to(buffer.dtype), buffer)
+                    buffer.lerp_(value, self.momentum)
         if self._should_read_skips(like):
             self._report_nonfinite_skips()
 

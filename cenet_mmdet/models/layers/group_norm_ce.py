@@ -149,10 +149,12 @@ class GroupNormCE(CELayer, nn.GroupNorm):
         positions = moments.positions
         norm_groups = self.num_groups
         per_group = self.num_features // norm_groups
-        deviations = moments.deviations  # sum_l (u - mean_c)^2, (N, G, d)
+        mean_c = moments.sums / positions  # mean of u per (n, c), (N, G, d)
+        # sum_l (u - mean_c)^2, (N, G, d)
+        deviations = centred_sums(moments.sums, moments.squares, positions, mean_c)
         # (N, G, d) -> (N, K, C/K): the normalizer's groups of channels
         shift_k = moments.shift.reshape(n, norm_groups, per_group)
-        mean_k = (moments.sums / positions).reshape(n, norm_groups, per_group)
+        mean_k = mean_c.reshape(n, norm_groups, per_group)
         relative = (shift_k - shift_k[..., :1]) + mean_k  # channel mean - ref
         centre = relative - relative.mean(-1, keepdim=True)  # mean_c - mu_nk
         var = (deviations.reshape(n, norm_groups, per_group).sum(-1) / positions
