@@ -29,7 +29,8 @@ SCRIPT = osp.join(REPO, 'tools', 'gpu', 'gpu_check.sh')
 PEAK = osp.join(REPO, 'tools', 'gpu', 'cuda_peak.py')
 VENV = osp.dirname(osp.dirname(sys.executable))
 ROI_STEPS = ['bench_detector', 'synthetic_data', 'train_amp']
-STEPS = ['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones'] + ROI_STEPS
+STEPS = (['cuda_layers', 'cuda_amp', 'cuda_sync_ce', 'bench_backbones', 'cuda_kernels']
+         + ROI_STEPS)
 COMPILE_TEST = osp.join(REPO, 'tests', 'test_cuda', 'test_cuda_compile.py')
 BENCH = osp.join(REPO, 'tools', 'benchmarks', 'bench_backbones.py')
 

@@ -16,6 +16,9 @@
 #                   2 processes (one GPU: gloo on CUDA tensors; 2 GPUs: NCCL)
 #                   against one process on the concatenated batch
 #   bench_backbones tools/benchmarks/bench_backbones.py --device cuda
+#   cuda_kernels    tools/benchmarks/dispatch_count.py --kernels --device cuda:
+#                   CUDA kernels per iteration, CE-ResNet-50 and ResNet-50,
+#                   eager and compiled (the GPU side of the op counts)
 #   bench_detector  tools/benchmarks/bench_detector.py --device cuda
 #                   (both through tools/gpu/cuda_peak.py: peak memory)
 #   synthetic_data  tools/misc/make_synthetic_coco.py (16 train / 4 val images)
@@ -221,6 +224,8 @@ run_all() {
     tools/benchmarks/bench_backbones.py --device cuda --depths 50 --warmup 1 \
     --repeat 3 $(backbone_flags)
   [ "$DRY_RUN" = "1" ] || peak_keys bench_backbones
+  run_step cuda_kernels 150 "$ROOT" "$PY" tools/benchmarks/dispatch_count.py \
+    --kernels --device cuda
   if [ "$CUDA_OPS" = "1" ]; then
     run_step bench_detector 180 "$ROOT" "$PY" tools/gpu/cuda_peak.py \
       tools/benchmarks/bench_detector.py --device cuda --warmup 1 --repeat 3
