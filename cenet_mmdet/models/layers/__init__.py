@@ -25,6 +25,7 @@ MODELS.register_module('GroupNormCE', module=GroupNormCE)
 MODELS.register_module('SyncGroupNormCE', module=SyncGroupNormCE)
 
 __all__ = ['CE', 'SyncCE', 'GroupNormCE', 'SyncGroupNormCE', 'CELayer',
-           'CEBlock', 'BlockStatistics', 'PerSampleAffine', 'AdaptiveInstanceInverse', 'RELEASED_CE_KEYS',
+           'CEBlock', 'BlockStatistics', 'PerSampleAffine',
+           'AdaptiveInstanceInverse', 'RELEASED_CE_KEYS',
            'CE_VARIANTS', 'CE_TYPES', 'CE_NORM_TYPES', 'PER_SAMPLE_NORMS',
            'build_ce_layer', 'check_ce_cfg', 'is_ce_layer', 'sync_form']
