@@ -3,7 +3,8 @@ for MMDetection. Importing the package registers ``CE``, ``SyncCE`` (root
 MMEngine ``MODELS``), ``CEResNet`` (MMDetection ``MODELS``) and the ImageNet
 classification path of :mod:`cenet_mmdet.classification` (MMDetection's
 registries)."""
-from .compat import allow_mmengine_checkpoints, check_environment
+from .compat import (allow_mmengine_checkpoints, check_environment,
+                     fix_ssd_head_predict)
 from .version import __version__
 
 check_environment()
@@ -14,6 +15,7 @@ from .engine import patch_mmengine_sync_bn, patch_torch_sync_bn  # noqa: E402
 
 patch_mmengine_sync_bn()
 patch_torch_sync_bn()
+fix_ssd_head_predict()
 
 __all__ = ['__version__']
 

@@ -166,9 +166,11 @@ def get_resnet_backbone(model: nn.Module) -> nn.Module:
     backbone = model if isinstance(model, ResNet) else getattr(
         model, 'backbone', None)
     if not isinstance(backbone, ResNet):
+        found = model if backbone is None else backbone
         raise AnalysisError(
             f'the channel analysis tools need a ResNet or CEResNet backbone; '
-            f'this model\'s backbone is {type(backbone).__name__}')
+            f'this model\'s backbone is {type(found).__name__} (ResNet '
+            f'subclasses are covered: ResNeXt, RegNet, CEResNeXt, CERegNet)')
     # (not LayerNorm: the AII gate of every CE layer holds one)
     other_norms = sorted({type(m).__name__ for m in backbone.modules()
                           if isinstance(m, (nn.GroupNorm, _InstanceNorm))})

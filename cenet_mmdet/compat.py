@@ -10,6 +10,13 @@
   the message hub) are added to torch's allow-list, and ``getattr`` (pickled
   ``HistoryBuffer`` methods) is allowed only inside MMEngine's checkpoint
   loader.
+* :func:`fix_ssd_head_predict`: MMDetection 3.3.0's ``SSDHead`` cannot predict
+  (``'SSDHead' object has no attribute 'loss_cls'``, open-mmlab/mmdetection
+  issues 11063 and 11780): ``BaseDenseHead.predict_by_feat`` reads
+  ``self.loss_cls``, which ``SSDHead`` never sets. The fix of the upstream pull
+  request 11524: an ``SSDHead`` without ``loss_cls`` gets ``loss_cls = None``
+  (so ``getattr(None, 'custom_cls_channels', False)`` is False), needed by the
+  SSDLite CE-MobileNetV2 config.
 """
 import importlib.util
 
@@ -175,3 +182,23 @@ def allow_mmengine_checkpoints() -> None:
     loader = CheckpointLoader.__dict__['load_checkpoint'].__func__
     if not getattr(loader, '_cenet_wrapped', False):
         CheckpointLoader.load_checkpoint = _load_with_getattr(loader)
+
+
+def fix_ssd_head_predict() -> None:
+    """Give every ``SSDHead`` built from now on ``loss_cls = None`` when its
+    ``__init__`` set none (see the module docstring). Idempotent; nothing on
+    an MMDetection whose ``SSDHead`` sets ``loss_cls`` itself."""
+    from mmdet.models.dense_heads import SSDHead
+
+    init = SSDHead.__init__
+    if getattr(init, '_cenet_wrapped', False):
+        return
+
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not hasattr(self, 'loss_cls'):
+            self.loss_cls = None
+
+    wrapped._cenet_wrapped = True
+    wrapped.__doc__ = init.__doc__
+    SSDHead.__init__ = wrapped

@@ -12,16 +12,20 @@
   (``backbone.*`` + ``head.fc.*``) for evaluating it on ImageNet val with
   ``tools/test.py``. Command line: ``tools/model_converters/cenet2cls.py``.
 
-Both check every key and shape against a freshly built ``CEResNet`` and write
+Both check every key and shape against a freshly built backbone and write
 atomically; errors are :class:`cenet_mmdet.converters.ConversionError` and
-nothing is written.
+nothing is written. The backbone is a CE-ResNet-50/101 inferred from the keys,
+or, for any other backbone (CE-ResNet-18/34/152, CE-ResNeXt, CE-RegNet,
+CE-MobileNetV2, ``CEBackbone``), the ``model.backbone`` of the training config
+that MMEngine saves in the checkpoint (``meta['cfg']``).
 """
 import os.path as osp
 import pickle
 import warnings
 from collections import OrderedDict
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from ..converters import (ConversionError, check_source_file,
@@ -119,6 +123,65 @@ def check_backbone_state(state: Mapping[str, Tensor], source: str) -> Dict:
     return layout
 
 
+def config_backbone(checkpoint) -> Optional[dict]:
+    """``model.backbone`` of the training config MMEngine saved in the
+    checkpoint (``meta['cfg']``, the config's text), or None."""
+    meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
+    text = meta.get('cfg') if isinstance(meta, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    from mmengine.config import Config
+    try:
+        cfg = Config.fromstring(text, '.py')
+    except Exception as error:  # noqa: BLE001 (any parse error: no config)
+        warnings.warn(f'the config saved in the checkpoint does not parse '
+                      f'({type(error).__name__}); inferring the backbone')
+        return None
+    backbone = cfg.get('model', {}).get('backbone')
+    return backbone.to_dict() if hasattr(backbone, 'to_dict') else backbone
+
+
+def is_inferable(backbone_cfg: Optional[dict]) -> bool:
+    """Whether the backbone's layout is inferred from its keys (a CE-ResNet-50
+    or 101, the released layout) rather than built from its config."""
+    return backbone_cfg is None or (backbone_cfg.get('type') in ('CEResNet',
+                                                                 'mmdet.CEResNet')
+                                    and backbone_cfg.get('depth') in (50, 101))
+
+
+def check_backbone_against_cfg(state: Mapping[str, Tensor], backbone_cfg: dict,
+                               source: str) -> Dict:
+    """Compare keys and shapes with the backbone built from its config (on
+    the meta device); return that config without its ``init_cfg``."""
+    import cenet_mmdet  # noqa: F401 (registers the backbones)
+    from mmdet.registry import MODELS
+    layout = {k: v for k, v in backbone_cfg.items()
+              if k not in ('init_cfg', 'pretrained')}
+    try:
+        try:
+            with torch.device('meta'):
+                model = MODELS.build(dict(layout))
+        except (NotImplementedError, RuntimeError):  # a layer refusing meta
+            model = MODELS.build(dict(layout))
+    except Exception as error:  # noqa: BLE001
+        raise ConversionError(f'{source}: cannot build the backbone of its saved '
+                              f'config ({layout.get("type")!r}): {error}') from None
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ConversionError(
+            f'{source}: the backbone does not match its saved config '
+            f'{layout.get("type")!r}: {len(missing)} missing keys '
+            f'({", ".join(missing[:6])}), {len(unexpected)} unexpected '
+            f'({", ".join(unexpected[:6])}), {len(shapes)} shape mismatches '
+            f'({", ".join(shapes[:4])})')
+    layout['num_ce_layers'] = len({k.split('.ce.')[0] for k in state if '.ce.' in k})
+    return layout
+
+
 def classifier_to_backbone(src: str, dst: str, unsafe_load: bool = False,
                            allow_no_ce: bool = False) -> Dict:
     """Write the backbone of an ``ImageClassifier`` checkpoint to ``dst``.
@@ -160,8 +223,14 @@ def classifier_to_backbone(src: str, dst: str, unsafe_load: bool = False,
             f'cls2backbone.py extracts the backbone of an ImageNet classifier; '
             f'to start a detector from a detector checkpoint use '
             f'load_from=<checkpoint> in its config.')
-    layout = check_backbone_state(backbone, src)
-    if not layout['stem_ce'] and not any(layout['stage_with_ce']):
+    backbone_cfg = config_backbone(checkpoint)
+    if is_inferable(backbone_cfg):
+        layout = check_backbone_state(backbone, src)
+        has_ce = layout['stem_ce'] or any(layout['stage_with_ce'])
+    else:
+        layout = check_backbone_against_cfg(backbone, backbone_cfg, src)
+        has_ce = layout['num_ce_layers'] > 0
+    if not has_ce:
         if not allow_no_ce:
             raise ConversionError(
                 f'{src}: the backbone has no CE layers (a BN ResNet classifier, '
@@ -256,8 +325,13 @@ def _run(prog: str, function, description: str, src_help: str,
         print(f'{prog}: nothing written to {args.dst}', file=sys.stderr)
         return 1
     backbone = meta['backbone']
-    print(f'backbone: CEResNet depth={backbone["depth"]}, stem_ce='
-          f'{backbone["stem_ce"]}, stage_with_ce={tuple(backbone["stage_with_ce"])}')
+    if 'num_ce_layers' in backbone:  # built from the checkpoint's config
+        print(f'backbone: {backbone["type"]} ({backbone["num_ce_layers"]} CE '
+              f'layers), from the config saved in the checkpoint')
+    else:
+        print(f'backbone: CEResNet depth={backbone["depth"]}, stem_ce='
+              f'{backbone["stem_ce"]}, stage_with_ce='
+              f'{tuple(backbone["stage_with_ce"])}')
     if 'num_classes' in meta:
         print(f'head: {meta["num_classes"]} classes')
     print(f'saved to {args.dst}')

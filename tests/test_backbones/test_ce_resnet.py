@@ -235,10 +235,10 @@ def test_num_stages_three_slices_default_placement():
 
 
 # ------------------------------------------------------------------ errors
-@pytest.mark.parametrize('depth', [18, 34, 152, 51])
+@pytest.mark.parametrize('depth', [51, 0, '50'])
 def test_bad_depth(depth):
-    with pytest.raises(ValueError,
-                       match=r'invalid depth .* supported depths are \[50, 101\]'):
+    with pytest.raises(ValueError, match=r'invalid depth .* supported depths are '
+                       r'\[18, 34, 50, 101, 152\]'):
         CEResNet(depth=depth)
 
 
@@ -296,7 +296,7 @@ def test_narrow_backbones_name_the_layer_and_the_fix(base_channels):
 
 def test_build_error_through_registry_is_clear():
     with pytest.raises(ValueError, match='invalid depth'):
-        MODELS.build(dict(type='CEResNet', depth=18))
+        MODELS.build(dict(type='CEResNet', depth=19))
 
 
 # ------------------------------------------------------ freezing, norm_eval

@@ -31,27 +31,24 @@ stem norm, so ``num_stages``, ``out_indices``, ``frozen_stages``,
 including lambda and the AII gate stop receiving gradients).
 """
 import copy
-from typing import List, Optional, Sequence, Tuple
+import re
+from typing import Optional, Sequence
 
-import torch
-from mmdet.models.backbones.resnet import Bottleneck, ResNet
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.models.layers import ResLayer
 from mmdet.registry import MODELS
-from torch import nn
 
-from ..layers import CELayer, build_ce_layer, check_ce_cfg
-
-CE_CONVERTER = 'tools/model_converters/cenet2mmdet.py'
-CLS_CONVERTER = 'tools/model_converters/cls2backbone.py'
-
-
-class CEWeightsError(RuntimeError):
-    """A checkpoint was loaded into a CEResNet but left CE layers untrained."""
+from ..layers import build_ce_layer, check_ce_cfg
+from .ce_placement import place_ce
+from .ce_weights import CEWeightsMixin
 
 #: CE stages used when ``stage_with_ce`` is not given, by depth (see CEResNet).
 DEFAULT_STAGE_WITH_CE = {
+    18: (True, True, True, True),
+    34: (True, True, True, True),
     50: (True, True, True, False),
     101: (True, True, False, False),
+    152: (True, True, True, False),
 }
 
 
@@ -62,13 +59,6 @@ def _located_error(err: ValueError, where: str, switch_off: str) -> ValueError:
         f'options for this width in ce_cfg (e.g. reduction, group_size; '
         f'stem_group_size for the stem), use more channels (base_channels, '
         f'stem_channels), or leave CE out there ({switch_off}).')
-
-
-def _pretrained_cfgs(init_cfg) -> List[dict]:
-    """The ``Pretrained`` entries of an ``init_cfg`` (a dict, a list or None)."""
-    cfgs = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
-    return [cfg for cfg in cfgs if isinstance(cfg, dict)
-            and cfg.get('type') in ('Pretrained', 'PretrainedInit')]
 
 
 class CEBottleneck(Bottleneck):
@@ -104,31 +94,9 @@ class CEBottleneck(Bottleneck):
     def with_ce(self) -> bool:
         return self.ce_cfg is not None
 
-    def init_weights(self) -> None:
-        """Block-level init that leaves the CE block (``bn3.ce``) untouched.
-
-        MMEngine applies an ``override=dict(name='norm3')`` init (ResNet's
-        ``zero_init_residual``) to *every* submodule of ``norm3``; on a CE
-        layer that would also set the AII gate's Linear and LayerNorm weights
-        to 0 and the gate would never train. The BN affine of ``bn3`` is
-        initialized as for a plain bottleneck (weight 0 under
-        ``zero_init_residual``); the CE block keeps its construction-time
-        values (lambda logit 0, default Linear init, identity whitening).
-        """
-        if not self.with_ce:
-            super().init_weights()
-            return
-        ce_block = self.norm3.ce
-        tensors = ce_block.state_dict(keep_vars=True)
-        saved = {k: v.detach().clone() for k, v in tensors.items()}
-        super().init_weights()
-        with torch.no_grad():  # in place: not a load (CEBlock.loaded unchanged)
-            for key, tensor in tensors.items():
-                tensor.copy_(saved[key])
-
 
 @MODELS.register_module()
-class CEResNet(ResNet):
+class CEResNet(CEWeightsMixin, ResNet):
     """ResNet backbone with Channel Equilibrium (CE-ResNet).
 
     A subclass of MMDetection's ``ResNet``: every ``ResNet`` argument works
@@ -136,15 +104,21 @@ class CEResNet(ResNet):
     ``out_indices``, ``style``, ``deep_stem``, ``avg_down``,
     ``frozen_stages``, ``conv_cfg``, ``norm_cfg``, ``norm_eval``, ``dcn``,
     ``stage_with_dcn``, ``plugins``, ``with_cp``, ``zero_init_residual``,
-    ``init_cfg``). Only bottleneck depths are supported: 50 and 101.
+    ``init_cfg``). Depths 18, 34, 50, 101 and 152.
 
     CE placement (as released): the CE layer *replaces* the stem ``norm1``
-    (``bn1``, one whitening group of ``stem_group_size`` channels) and
-    ``norm3`` (``bn3``) of every block of the stages flagged in
-    ``stage_with_ce``; it is never put in a downsample branch. With
-    ``deep_stem=True`` the last norm of the stem (``stem.7``) is replaced.
+    (``bn1``, one whitening group of ``stem_group_size`` channels) and the
+    last norm of every block of the stages flagged in ``stage_with_ce``
+    (``norm3``, ``bn3``, of a bottleneck; ``norm2``, ``bn2``, of a basic
+    block); it is never put in a downsample branch. With ``deep_stem=True``
+    the last norm of the stem (``stem.7``) is replaced.
 
     Default stages (used when ``stage_with_ce`` is None):
+
+    * depths 18 and 34: all four, the paper's CE-ResNet-18 ("the CE block in
+      each residual block", Table 1; 34 the same).
+    * depth 152: ``(True, True, True, False)``, as depth 50 (the paper gives
+      no placement for 152).
 
     * depth 50: ``(True, True, True, False)``, the released CE-ResNet-50
       (stem + 3 + 4 + 6 = 14 CE layers).
@@ -155,7 +129,7 @@ class CEResNet(ResNet):
       layers. Pass ``stage_with_ce`` to choose otherwise.
 
     Args:
-        depth: 50 or 101.
+        depth: 18, 34, 50, 101 or 152.
         ce_cfg: config of the CE blocks, which follow the ``norm_cfg``
             normalizer at the CE positions (BN, SyncBN, GN, IN or LN; the
             layers are named after it: ``bn1``/``bn3``, ``gn1``/``gn3``, ...).
@@ -193,10 +167,7 @@ class CEResNet(ResNet):
         ...                               checkpoint='ce_resnet50_mmdet.pth'))
     """
 
-    arch_settings = {
-        50: ResNet.arch_settings[50],
-        101: ResNet.arch_settings[101],
-    }
+    arch_settings = ResNet.arch_settings
 
     def __init__(self,
                  depth: int,
@@ -245,90 +216,6 @@ class CEResNet(ResNet):
         super().__init__(depth, num_stages=num_stages, norm_cfg=norm_cfg,
                          **kwargs)
 
-    @property
-    def num_ce_layers(self) -> int:
-        """How many CE layers the backbone holds."""
-        return sum(isinstance(m, CELayer) for m in self.modules())
-
-    # ------------------------------------------------ pretrained CE weights
-    def ce_layers(self) -> List[Tuple[str, CELayer]]:
-        """``(name, layer)`` of every CE layer, in module order."""
-        return [(name, m) for name, m in self.named_modules()
-                if isinstance(m, CELayer)]
-
-    def unloaded_ce_layers(self) -> List[str]:
-        """Names of the CE layers whose CE block never came from a state dict
-        (``CEBlock.loaded``): they hold their construction-time values."""
-        return [name for name, layer in self.ce_layers() if not layer.ce.loaded]
-
-    def _frozen_reasons(self, layer: CELayer) -> List[str]:
-        """Why an untrained CE layer would never change (empty: it trains)."""
-        reasons = []
-        if self.norm_eval:
-            reasons.append('norm_eval=True')
-        if layer.frozen_gate:
-            reasons.append('frozen_gate=True')
-        elif not all(p.requires_grad for p in layer.parameters()):
-            reasons.append('requires_grad=False or a frozen stage')
-        return reasons
-
-    def check_ce_weights(self, source: str) -> None:
-        """Raise :class:`CEWeightsError` if, after loading ``source`` (a
-        description of the checkpoint), CE layers are left at their initial
-        values and that was not asked for (``ce_from_scratch``), or cannot
-        train."""
-        layers = dict(self.ce_layers())
-        unloaded = [name for name, layer in layers.items() if not layer.ce.loaded]
-        if not unloaded:
-            return
-        names = ', '.join(unloaded[:3]) + (', ...' if len(unloaded) > 3 else '')
-        what = (f'CEResNet: {len(unloaded)} of {len(layers)} CE layers ({names}) '
-                f'got no CE weights from {source}')
-        if not self.ce_from_scratch:
-            raise CEWeightsError(
-                f'{what}; it looks like a checkpoint without CE (a BN ResNet). '
-                f'Use a CE checkpoint: convert the released CE-ResNet-50 with '
-                f'`python {CE_CONVERTER} <released.pth> <out.pth>`, or extract '
-                f'an ImageNet CE classifier\'s backbone with `python '
-                f'{CLS_CONVERTER} <epoch_N.pth> <out.pth>`. To train CE from its '
-                f'initial values on this backbone instead, set '
-                f'model.backbone.ce_from_scratch=True (with trainable CE: '
-                f'norm_eval=False, requires_grad=True, no frozen_gate).')
-        frozen = {name: self._frozen_reasons(layers[name]) for name in unloaded}
-        frozen = {name: why for name, why in frozen.items() if why}
-        if frozen:
-            name, why = next(iter(frozen.items()))
-            raise CEWeightsError(
-                f'{what}, and ce_from_scratch=True, but {len(frozen)} of them '
-                f'cannot train ({name}: {", ".join(why)}): a frozen untrained '
-                f'CE block keeps its initial values for the whole run. Set '
-                f'norm_eval=False, requires_grad=True in norm_cfg, no '
-                f'frozen_gate and frozen_stages below the CE stages, or load '
-                f'CE weights.')
-
-    def init_weights(self) -> None:
-        """MMEngine's init (``Pretrained`` loads here), then
-        :meth:`check_ce_weights` when a ``Pretrained`` checkpoint was
-        loaded."""
-        super().init_weights()
-        checkpoints = [cfg.get('checkpoint') for cfg in _pretrained_cfgs(self.init_cfg)]
-        if checkpoints:
-            self.check_ce_weights(f'checkpoint {checkpoints[-1]!r} (Pretrained '
-                                  f'init_cfg)')
-
-    def train(self, mode: bool = True) -> 'CEResNet':
-        """``ResNet.train`` (norm_eval, frozen stages: CE layers included),
-        returning ``self`` as ``nn.Module.train`` does (``ResNet.train``
-        returns None, which breaks ``model = CEResNet(...).eval()``)."""
-        super().train(mode)
-        if mode and self.norm_eval:
-            # ResNet.train puts _BatchNorm layers in eval; a CE layer over GN,
-            # IN or LN is not one, but its CE block has running statistics
-            # that norm_eval must freeze too.
-            for _, layer in self.ce_layers():
-                layer.eval()
-        return self
-
     def _make_stem_layer(self, in_channels: int, stem_channels: int) -> None:
         super()._make_stem_layer(in_channels, stem_channels)
         if self.ce_cfg is None or not self.stem_ce:
@@ -353,14 +240,21 @@ class CEResNet(ResNet):
         self._num_res_layers_made += 1
         if self.ce_cfg is None or not self.stage_with_ce[stage]:
             return ResLayer(**kwargs)
-        kwargs['block'] = CEBottleneck
-        kwargs['ce_cfg'] = self.ce_cfg
+        basic = kwargs['block'] is BasicBlock
+        if not basic:
+            kwargs['block'] = CEBottleneck
+            kwargs['ce_cfg'] = self.ce_cfg
         try:
-            return ResLayer(**kwargs)
+            res_layer = ResLayer(**kwargs)
+            if basic:  # the last norm of every block: norm2 (bn2, gn2, ...)
+                norm_name = re.escape(res_layer[0].norm2_name)
+                place_ce(res_layer, self.ce_cfg, [rf'\d+\.{norm_name}'])
+            return res_layer
         except ValueError as err:
-            channels = kwargs['planes'] * CEBottleneck.expansion
+            channels = kwargs['planes'] * kwargs['block'].expansion
             flags = list(self.stage_with_ce)
             flags[stage] = False
             raise _located_error(
                 err, f'stage {stage + 1} (layer{stage + 1}, {channels} channels '
-                f'after bn3)', f'stage_with_ce={tuple(flags)}') from err
+                f'after {"bn2" if basic else "bn3"})',
+                f'stage_with_ce={tuple(flags)}') from err
