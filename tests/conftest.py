@@ -38,6 +38,75 @@ def pytest_configure(config) -> None:
         'markers', 'cuda: needs a CUDA device (run by tools/gpu/gpu_check.sh)')
 
 
+# ------------------------------------------- parallel runs (pytest-xdist)
+#: Test files that share a session fixture: a parallel run gives them to one
+#: worker, so that the fixture runs once (the SyncCE smoke run of
+#: tests/test_tools/conftest.py).
+SHARED_FIXTURE_GROUPS = {
+    'test_tools/test_e2e_cpu.py': 'syncce_smoke_run',
+    'test_tools/test_exact_resume.py': 'syncce_smoke_run',
+}
+
+#: The groups that take longest (about 15 s or more on 2 cores), longest
+#: first. In parallel runs they are handed out first (tools/run_tests.sh:
+#: ``--no-loadscope-reorder``), so that no worker starts a long one while the
+#: other has nothing left to do. Only the order changes.
+SLOW_FIRST = (
+    'syncce_smoke_run',
+    'test_tools/test_channel_analysis_tools.py',
+    'test_tools/test_imagenet_dist_train.py',
+    'test_layers/test_ce_compile.py',
+    'test_tools/test_multi_seed_ap.py',
+    'test_backbones/test_onnx_export.py',
+    'test_docs/test_quick_start.py',
+    'test_tools/test_user_edges.py',
+)
+
+
+def parallel_unit(nodeid: str) -> str:
+    """The unit of a parallel run that holds the test ``nodeid``: its file
+    (whose module fixtures then run once), or its group in
+    :data:`SHARED_FIXTURE_GROUPS`."""
+    path = nodeid.split('::', 1)[0]
+    for suffix, group in SHARED_FIXTURE_GROUPS.items():
+        if path.endswith(suffix):
+            return group
+    return path
+
+
+def _slow_rank(group: str) -> int:
+    for rank, name in enumerate(SLOW_FIRST):
+        if group == name or group.endswith(name):
+            return rank
+    return len(SLOW_FIRST)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (tools/run_tests.sh) with the files of
+    :data:`SHARED_FIXTURE_GROUPS` in one unit (pytest-xdist's own
+    ``xdist_group`` marker has no effect with pytest 9)."""
+    if config.getvalue('dist') != 'loadfile':
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return parallel_unit(nodeid)
+
+    return GroupedFiles(config, log)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """In a pytest-xdist worker, the groups of :data:`SLOW_FIRST` first
+    (every worker orders its collection the same way); a run in one process
+    keeps the file order."""
+    if hasattr(config, 'workerinput'):
+        order = {id(item): i for i, item in enumerate(items)}
+        items.sort(key=lambda item: (_slow_rank(parallel_unit(item.nodeid)),
+                                     order[id(item)]))
+
+
 # ------------------------------------------------------- process-wide state
 def _precision_switches() -> List[Tuple[str, Any, str]]:
     """``(name, object, attribute)`` of the float32-precision switches: the

@@ -4,7 +4,8 @@
 # Creates a virtual environment (default: <repo>/.venv) and installs, in order:
 #   torch 2.13.0 (CPU wheel), build tools (setuptools>=77,<82, wheel, ninja),
 #   mmengine 0.10.7, mmcv 2.1.0 compiled from source WITH its ops,
-#   mmdet 3.3.0, pycocotools, pytest, onnx/onnxruntime/onnxscript (export
+#   mmdet 3.3.0, pycocotools, pytest and pytest-xdist 3.8.0 (tools/run_tests.sh
+#   runs the suite in parallel processes), onnx/onnxruntime/onnxscript (export
 #   tests), and this package in editable mode.
 #
 # The mmcv build takes about 25 minutes on 2 cores; the built wheel is cached in
@@ -41,6 +42,7 @@ TORCH_VERSION=2.13.0
 MMENGINE_VERSION=0.10.7
 MMCV_VERSION=2.1.0
 MMDET_VERSION=3.3.0
+XDIST_VERSION=3.8.0
 ONNX_VERSION=1.23.2
 ONNXRUNTIME_VERSION=1.31.1
 ONNXSCRIPT_VERSION=0.7.2
@@ -211,12 +213,12 @@ if [ "$ROUTE" = "cuda" ]; then
   verify "$PY" -c "import torch; assert torch.version.cuda and torch.cuda.is_available(), (torch.version.cuda, 'no CUDA device'); print('  torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
 fi
 
-step "mmengine $MMENGINE_VERSION, pycocotools, pytest"
-hint "pip could not install mmengine/pycocotools/pytest from the package registry"
-if ! "$PY" -c "import mmengine, pycocotools, pytest, sys; sys.exit(mmengine.__version__ != '$MMENGINE_VERSION')" 2>/dev/null; then
-  pip_install "mmengine==$MMENGINE_VERSION" pycocotools pytest
+step "mmengine $MMENGINE_VERSION, pycocotools, pytest, pytest-xdist $XDIST_VERSION"
+hint "pip could not install mmengine/pycocotools/pytest/pytest-xdist from the package registry"
+if ! "$PY" -c "import mmengine, pycocotools, pytest, xdist, sys; sys.exit(mmengine.__version__ != '$MMENGINE_VERSION' or xdist.__version__ != '$XDIST_VERSION')" 2>/dev/null; then
+  pip_install "mmengine==$MMENGINE_VERSION" pycocotools pytest "pytest-xdist==$XDIST_VERSION"
 fi
-verify "$PY" -c "import mmengine, pycocotools, pytest; assert mmengine.__version__ == '$MMENGINE_VERSION'"
+verify "$PY" -c "import mmengine, pycocotools, pytest, xdist; assert mmengine.__version__ == '$MMENGINE_VERSION'; assert xdist.__version__ == '$XDIST_VERSION', xdist.__version__"
 
 mmcv_ok() {
   "$PY" - <<PYEOF 2>/dev/null

@@ -1,4 +1,5 @@
-"""Test-only hooks for tests/test_tools/test_e2e_cpu.py and test_exact_resume.py.
+"""Test-only hooks for the SyncCE smoke run of tests/test_tools/e2e_run.py
+(shared by test_e2e_cpu.py and test_exact_resume.py).
 
 ``DumpNormBuffersHook`` saves, after training, every buffer of the backbone and
 the class name of every backbone module to

@@ -1,13 +1,17 @@
 """A killed distributed run resumes to exactly the same weights.
 
+On the SyncCE smoke run shared with test_e2e_cpu.py (session fixtures of
+conftest.py, ``e2e_run.py``):
+
 1. ``bash tools/dist_train.sh <SyncCE smoke config> 2``, 8 iterations,
    checkpoints every 4: the uninterrupted reference.
-2. The same run, with rank 1 SIGKILLed right after iteration 5 (after
-   ``iter_4.pth``): the surviving rank and the launcher must exit within 60 s.
-3. ``--resume`` in that work dir continues from iteration 4 to 8: every tensor
-   of ``iter_8.pth`` (weights, buffers, optimizer state) equals the reference
-   (``torch.equal``), thanks to ``RandomStateHook`` (switched on in the
-   project's configs).
+2. The same run started for 6 iterations, with rank 1 SIGKILLed right after
+   iteration 5 (after ``iter_4.pth``): the surviving rank and the launcher
+   must exit within 60 s.
+3. ``--resume`` in that work dir (to 8 iterations) continues from iteration
+   4: every tensor of ``iter_8.pth`` (weights, buffers, optimizer state)
+   equals the reference (``torch.equal``), thanks to ``RandomStateHook``
+   (switched on in the project's configs).
 4. A checkpoint cut short on disk is refused on resume with a message naming
    it and saying why.
 
@@ -18,7 +22,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -30,13 +33,7 @@ from cenet_mmdet.compat import CheckpointFileError  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.runner.checkpoint import CheckpointLoader  # noqa: E402
 
-from test_e2e_cpu import (REPO, SYNC_CONFIG, checkpoint, free_port,  # noqa: E402
-                          run, tool_env)
-
-ITERS = 8
-KILL_AFTER = 5
-OPTIONS = [f'train_cfg.max_iters={ITERS}', 'train_cfg.val_begin=100',
-           f'train_cfg.val_interval={ITERS}']
+from e2e_run import ITERS, KILLED_ITERS, REPO, checkpoint  # noqa: E402
 
 
 def tensors(ckpt: dict) -> dict:
@@ -47,35 +44,6 @@ def tensors(ckpt: dict) -> dict:
             if isinstance(value, torch.Tensor):
                 found[f'optimizer.{index}.{key}'] = value
     return found
-
-
-@pytest.fixture(scope='module')
-def workspace(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('resume'))
-    env = tool_env()
-    run([sys.executable, osp.join(REPO, 'tools', 'misc', 'make_synthetic_coco.py'),
-         osp.join(root, 'data', 'synthetic_shapes'), '--train', '8', '--val',
-         '2', '--size', '128', '--seed', '0'], root, env)
-    config = osp.join(root, 'syncce_smoke_kill.py')
-    with open(config, 'w') as f:
-        f.write(f'_base_ = {SYNC_CONFIG!r}\n'
-                "custom_imports = dict(imports=['cenet_mmdet', 'e2e_hooks'], "
-                'allow_failed_imports=False)\n'
-                "custom_hooks = [dict(type='RandomStateHook'), "
-                f"dict(type='KillRankHook', after_iter={KILL_AFTER})]\n")
-    return dict(root=root, env=env, config=config)
-
-
-def dist_train(workspace, work_dir, *extra, kill=False, check=True):
-    env = dict(workspace['env'], PORT=str(free_port()))
-    if kill:
-        env['CENET_KILL'] = '1'
-    cmd = ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), workspace['config'],
-           '2', '--work-dir', work_dir, *extra, '--cfg-options', *OPTIONS]
-    if check:
-        return run(cmd, workspace['root'], env)
-    return subprocess.run(cmd, cwd=workspace['root'], env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def test_smoke_and_coco_configs_switch_the_hook_on():
@@ -90,35 +58,33 @@ def test_smoke_and_coco_configs_switch_the_hook_on():
         assert 'RandomStateHook' in types, name
 
 
-def test_killed_run_resumes_bit_for_bit(workspace):
-    reference_dir = osp.join(workspace['root'], 'uninterrupted')
-    dist_train(workspace, reference_dir)
+def test_killed_run_resumes_bit_for_bit(syncce_reference, syncce_killed,
+                                        syncce_resumed):
+    killed = syncce_killed
+    assert killed['returncode'] != 0, killed['output'][-3000:]
+    assert killed['killed_at'] is not None, killed['output'][-3000:]
+    took = killed['finished'] - killed['killed_at']
+    assert took < 60, f'survivors took {took:.0f}s'
+    # what the kill left: the checkpoint of iteration 4, not the last one
+    assert killed['checkpoints'] == ['iter_4.pth'], killed['checkpoints']
+    assert KILLED_ITERS < ITERS
 
-    killed_dir = osp.join(workspace['root'], 'killed')
-    proc = dist_train(workspace, killed_dir, kill=True, check=False)
-    finished = time.time()
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output[-3000:]
-    with open(osp.join(killed_dir, 'killed_at')) as f:
-        killed_at = float(f.read())
-    assert finished - killed_at < 60, f'survivors took {finished - killed_at:.0f}s'
-    assert osp.isfile(osp.join(killed_dir, 'iter_4.pth'))
-    assert not osp.exists(osp.join(killed_dir, f'iter_{ITERS}.pth'))
-
-    log = dist_train(workspace, killed_dir, '--resume')
-    assert 'resumed epoch: 0, iter: 4' in log
-    resumed = tensors(checkpoint(osp.join(killed_dir, f'iter_{ITERS}.pth')))
-    reference = tensors(checkpoint(osp.join(reference_dir, f'iter_{ITERS}.pth')))
+    assert 'resumed epoch: 0, iter: 4' in syncce_resumed['log']
+    resumed = tensors(checkpoint(osp.join(syncce_resumed['work_dir'],
+                                          f'iter_{ITERS}.pth')))
+    reference = tensors(checkpoint(osp.join(syncce_reference['work_dir'],
+                                            f'iter_{ITERS}.pth')))
     assert resumed.keys() == reference.keys()
     assert len(reference) > 400
     different = [k for k in reference if not torch.equal(resumed[k], reference[k])]
     assert not different, f'{len(different)} tensors differ, e.g. {different[:5]}'
 
 
-def test_truncated_checkpoint_is_refused_on_resume(workspace):
+def test_truncated_checkpoint_is_refused_on_resume(syncce_workspace):
     """``tools/train.py --resume`` on a checkpoint cut short on disk fails
     with the plugin's message naming the file and saying why (the path holds
     no "truncated": the word must come from the message)."""
+    workspace = syncce_workspace
     source = osp.join(workspace['root'], 'sound.pth')
     torch.save(dict(state_dict={f'w{i}': torch.randn(64) for i in range(32)},
                     meta=dict(iter=4)), source)
@@ -131,7 +97,8 @@ def test_truncated_checkpoint_is_refused_on_resume(workspace):
     proc = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'train.py'), workspace['config'],
          '--work-dir', osp.dirname(cut), '--resume', cut,
-         '--cfg-options', *OPTIONS],
+         '--cfg-options', f'train_cfg.max_iters={ITERS}',
+         'train_cfg.val_begin=100', f'train_cfg.val_interval={ITERS}'],
         cwd=workspace['root'], env=workspace['env'], capture_output=True,
         text=True, timeout=300)
     output = proc.stderr + proc.stdout
