@@ -142,10 +142,10 @@ MUTATIONS: List[Mutation] = [
         ((T + 'test_tools/test_converter.py', ),)),
     # ---------------------------------------------------- checkpoint checks
     Mutation(
-        'ce_weights_check_accepts_all', 'cenet_mmdet/models/backbones/ce_resnet.py',
+        'ce_weights_check_accepts_all', 'cenet_mmdet/models/backbones/ce_weights.py',
         'unloaded = [name for name, layer in layers.items() if not layer.ce.loaded]',
         'unloaded = []',
-        'CEResNet.check_ce_weights accepts a checkpoint without CE',
+        'check_ce_weights (CEResNet and every CE backbone) accepts a checkpoint without CE',
         ((T + 'test_backbones/test_ce_weights_check.py', ),)),
     # (a checkpoint that lacks tensors of the model is refused by
     # check_checkpoint_covers, but no test gives tools/test.py one: dropping
