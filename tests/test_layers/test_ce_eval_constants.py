@@ -111,3 +111,20 @@ def test_sync_ce_in_eval_uses_the_same_path():
     x = torch.randn(SHAPE, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(synced(x), layer(x), rtol=0, atol=0)
+
+
+def test_a_hook_on_the_gate_sees_its_call():
+    """The channel-analysis tools read the gate's input with a forward
+    pre-hook on ``ce.aii``: with a hook, the layer computes in the graph."""
+    layer = trained_layer()
+    seen = []
+    handle = layer.ce.aii.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    handle.remove()
+    assert len(seen) == 1 and seen[0].shape == (SHAPE[0], 32)
+    assert layer._eval_cache is None
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-14)
+    assert layer._eval_cache is not None  # without the hook: the constant path

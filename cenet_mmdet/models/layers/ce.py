@@ -47,6 +47,11 @@ from .block import BlockStatistics, PerSampleAffine
 from .ce_layer import CELayer, Moments
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks of its own."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 class CE(CELayer, nn.BatchNorm2d):
     """Batch normalization followed by Channel Equilibrium (the released CE).
 
@@ -179,10 +184,11 @@ class CE(CELayer, nn.BatchNorm2d):
         (cached per switch to eval, checked by each tensor's version, storage
         and device) and none of them takes a gradient: eval, and the frozen
         setting (1). None (computed in the graph) when traced or compiled, for
-        a block without AII, or when the gate's dtype differs."""
+        a block without AII, when the gate's dtype differs, or when a hook is
+        registered on the gate ``ce.aii`` (e.g. the channel-analysis tools')."""
         ce = self.ce
-        if not (ce.has_aii and modes.is_eager()):
-            return None
+        if not (ce.has_aii and modes.is_eager()) or _has_hooks(ce.aii):
+            return None  # (a hook on the gate must see its call: in the graph)
         sources = self._constant_sources()
         if modes.records_grad(*sources) or ce.aii.gate[0].weight.dtype != dtype:
             return None
