@@ -75,9 +75,9 @@ def make_layer(kind: str) -> nn.Module:
 
 
 def count(run: Callable[[nn.Module, torch.Tensor], torch.Tensor], layer: nn.Module,
-          mode: str, x: torch.Tensor) -> Tuple[int, int]:
-    """``(total, ops)`` of one call of ``run`` in ``mode`` (its backward too,
-    except in eval)."""
+          mode: str, x: torch.Tensor) -> OpCounter:
+    """The ops of one call of ``run`` in ``mode`` (its backward too, except in
+    eval)."""
     layer.train(mode == 'train')
     for param in layer.parameters():
         param.requires_grad_(mode == 'train')
@@ -89,7 +89,7 @@ def count(run: Callable[[nn.Module, torch.Tensor], torch.Tensor], layer: nn.Modu
         out = run(layer, x)
         if mode != 'eval':
             out.backward(grad)
-    return counter.total, counter.ops
+    return counter
 
 
 def _layer_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +98,11 @@ def _layer_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def count_layer(kind: str, mode: str) -> Tuple[int, int]:
     """``(total, ops)`` of one layer ``kind`` in ``mode``, in this process."""
+    counter = _count_layer(kind, mode)
+    return counter.total, counter.ops
+
+
+def _count_layer(kind: str, mode: str) -> OpCounter:
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     return count(_layer_call, make_layer(kind), mode, x)
 
@@ -137,7 +142,8 @@ def count_resnet(mode: str) -> Dict[str, Tuple[int, int]]:
         with torch.no_grad():
             backbone.train()
             backbone(x)
-        counts[name] = count(_backbone_call, backbone, mode, x)
+        counter = count(_backbone_call, backbone, mode, x)
+        counts[name] = (counter.total, counter.ops)
     return counts
 
 
@@ -241,25 +247,10 @@ def main(argv=None) -> int:
         print(markdown(table, 'backbone (base_channels 16, 64 px)'))
     if args.names:
         for mode in MODES:
-            counter_names = _names(args.names, mode)
+            counter_names = _count_layer(args.names, mode).names
             print(f'\n{args.names} {mode}: ' + ', '.join(
                 f'{name} x{n}' for name, n in sorted(counter_names.items())))
     return 0
-
-
-def _names(kind: str, mode: str) -> Dict[str, int]:
-    layer = make_layer(kind)
-    layer.train(mode == 'train')
-    for param in layer.parameters():
-        param.requires_grad_(mode == 'train')
-    x = torch.randn(SHAPE).requires_grad_(mode != 'eval')
-    grad = torch.randn(SHAPE)
-    counter = OpCounter()
-    with torch.set_grad_enabled(mode != 'eval'), counter:
-        out = layer(x)
-        if mode != 'eval':
-            out.backward(grad)
-    return counter.names
 
 
 if __name__ == '__main__':

@@ -178,7 +178,7 @@ class CEPlacement(CEWeightsMixin):
         if not isinstance(ce_cfg, dict) or 'type' not in ce_cfg:
             raise TypeError(f'ce_cfg must be a dict with a "type" key (e.g. '
                             f'dict(type="CE")) or None, got {ce_cfg!r}')
-        check_ce_cfg(ce_cfg, dict(type='BN'))
+        check_ce_cfg(ce_cfg, dict(type='BN'))  # its type (each normalizer: per position)
         if not self.ce_positions:
             raise ValueError(f'{type(self).__name__}: ce_positions is empty; '
                              f'name the normalizers CE follows')
