@@ -604,8 +604,11 @@ def test_collectives_per_layer_and_documented_bytes(dist_run):
     assert [size for _, size, _ in expected] == [1028, 18440, 260, 16904]
     for rank in range(2):
         assert calls[rank]['forward'] == expected
-        # backward: one all-reduce of the packed gradient per layer, reverse order
-        assert calls[rank]['backward'] == [expected[3], expected[1]]
+        # backward: one all-reduce of the packed gradient per layer, reverse
+        # order; the hand-written backward leaves out the two counts
+        assert calls[rank]['backward'] == [
+            ('all_reduce', 16904 - 8, 'torch.float32'),
+            ('all_reduce', 18440 - 8, 'torch.float32')]
         assert calls[rank]['others'] == (
             forward(1024, 16)  # 73,736 bytes packed
             + forward(256, 16, 'torch.float64')

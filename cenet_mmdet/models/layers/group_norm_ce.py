@@ -28,14 +28,14 @@ Design notes
   without communication; :class:`~cenet_mmdet.models.layers.SyncGroupNormCE`
   therefore synchronizes them with one collective.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ...ops import centred_sums, instance_variance, mean_and_covariance
-from .block import BlockStatistics, PerSampleAffine
-from .ce_layer import CELayer, Moments
+from .block import PerSampleAffine
+from .ce_layer import CELayer, Moments, TrainAffine
 
 #: normalizers a GroupNormCE can be, and how many groups each one has
 PER_SAMPLE_NORMS = ('GN', 'IN', 'LN')
@@ -103,8 +103,8 @@ class GroupNormCE(CELayer, nn.GroupNorm):
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, norm={self.norm!r}, momentum={self.momentum}'
 
-    def _train_affine(self, moments: Moments, spatial: Tuple[int, int]
-                      ) -> Tuple[PerSampleAffine, BlockStatistics]:
+    def _train_affine(self, moments: Moments, spatial: Tuple[int, int],
+                      trail: Optional[dict] = None) -> TrainAffine:
         """The normalizer's per-sample map and the block's batch statistics of
         its output ``y``; the block's running buffers are updated.
 
@@ -128,9 +128,9 @@ class GroupNormCE(CELayer, nn.GroupNorm):
                                                   total_scatter, count)
         mean_y = mean_z_batch + self._normalizer_beta(mean_z_batch).view(groups, size)
         stats = self.ce.batch_statistics(
-            mean_y, cov_y, total_var.sum() / (num_instances * groups * size))
-        self._commit_running(self.ce.running_updates(stats), has_data, mean_y)
-        return affine, stats
+            mean_y, cov_y, total_var.sum() / (num_instances * groups * size), trail)
+        return TrainAffine(affine, stats,
+                           (self.ce.running_updates(stats), has_data, mean_y))
 
     def _eval_affine(self, moments: Moments) -> PerSampleAffine:
         """The normalizer's per-sample map (it has no running statistics)."""

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...ops import modes
 from .ce import CE, CELayer
 from .group_norm_ce import GroupNormCE
 
@@ -82,14 +83,22 @@ class _SyncStatistics:
         return (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
+    def _synchronized(self) -> bool:
+        return self._distributed()
+
     def _check_batch(self, x_grouped: Tensor) -> None:
         if not self._distributed():  # an empty local batch is fine when synced
             super()._check_batch(x_grouped)
 
     def _reduce(self, packed: Tensor) -> Tensor:
+        """``packed`` summed over the workers: differentiably where autograd
+        records it, else in place (the callers' packed tensors are fresh)."""
         if not self._distributed():
             return packed
-        return _AllReduceSum.apply(packed, self.process_group)
+        if modes.records_grad(packed):
+            return _AllReduceSum.apply(packed, self.process_group)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+        return packed
 
     @classmethod
     def convert_sync_ce(cls, module: nn.Module,
