@@ -157,7 +157,7 @@ class CE(CELayer, nn.BatchNorm2d):
             outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)  # (G, d, d)
             cov_y = cov_x * outer
         # AII: per-instance variance of y is a^2 Var(x); batch scale from all N, C.
-        mean_var = torch.dot(total_var, square.view(channels)) / (num_instances * channels)
+        mean_var = (total_var * square.view(channels)).sum() / (num_instances * channels)
         stats = self.ce.batch_statistics(mean_y, cov_y, mean_var, trail)
         updates = [
             (self.running_mean, (mean_rel + reference).view(channels)),

@@ -273,7 +273,7 @@ class CELayer:
                                            moments.positions):
                 return moments
             # (dropped, with their autograd node: shifted below)
-        shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
+        shift = x_grouped[..., :1].detach()  # (N, G, d, 1), a view
         source = x_grouped - shift
         return Moments(source, shift.squeeze(-1),
                        *sample_moments(source, training, link))
