@@ -615,9 +615,11 @@ def test_collectives_per_layer_and_documented_bytes(dist_run):
             + forward(256, 16))  # bfloat16 input: float32 sums
         assert calls[rank]['eval'] == []
         # GN + CE: no shared reference needed (y - beta): one collective of
-        # the packed block sums forward, one for its gradient
-        packed = ('all_reduce', 4 * (2 * 256 + 256 * 16 + 2), 'torch.float32')
-        assert calls[rank]['group_norm'] == [packed, packed]
+        # the packed block sums forward (first moments, scatter, the total of
+        # the instance variances, two counts), their gradient (no counts)
+        assert calls[rank]['group_norm'] == [
+            ('all_reduce', 4 * (256 + 256 * 16 + 1 + 2), 'torch.float32'),
+            ('all_reduce', 4 * (256 + 256 * 16 + 1), 'torch.float32')]
     import cenet_mmdet.models.layers.sync_ce as sync_ce
     for number in ('18,440', '16,904', '73,736'):
         assert number in sync_ce.__doc__

@@ -1,14 +1,15 @@
 """The hand-written backward of a CE training step (``ops.small_graph``:
-``CE._train_backward``, ``CEBlock.maps_backward``, the Newton steps' and the
-gate's backward) against autograd differentiating the same forward op by op
-(the path compiled and traced runs take), float64: outputs, input and
-parameter gradients and buffers."""
+``CE._train_backward`` and ``GroupNormCE._train_backward``,
+``CEBlock.maps_backward``, the Newton steps' and the gate's backward) against
+autograd differentiating the same forward op by op (the path compiled and
+traced runs take), float64: outputs, input and parameter gradients and
+buffers."""
 import copy
 
 import pytest
 import torch
 
-from cenet_mmdet.models.layers import CE
+from cenet_mmdet.models.layers import CE, GroupNormCE
 
 CASES = {
     'default': dict(),
@@ -19,19 +20,29 @@ CASES = {
 }
 
 
-def _layer(options: dict, zero_gamma: bool = False) -> CE:
+GROUP_NORM_CASES = {
+    'GN': dict(num_groups=4),
+    'GN_no_affine': dict(num_groups=4, affine=False),
+    'GN_frozen_gate': dict(num_groups=4, frozen_gate=True),
+    'IN': dict(num_groups=32, norm='IN'),
+    'LN': dict(num_groups=1, norm='LN'),
+}
+
+
+def _layer(options: dict, zero_gamma: bool = False, cls=CE):
     torch.manual_seed(0)
-    layer = CE(32, group_size=options.pop('group_size', 8), **options).double()
+    layer = cls(32, group_size=options.pop('group_size', 8), **options).double()
     with torch.no_grad():
         for param in layer.parameters():
             param.add_(torch.randn_like(param) * 0.3)
         if zero_gamma:  # zero_init_residual: a = 0 for every channel
             layer.weight.zero_()
-        layer.running_var.uniform_(0.5, 2)
+        if cls is CE:
+            layer.running_var.uniform_(0.5, 2)
     return layer
 
 
-def _step(layer: CE, x: torch.Tensor, weights: torch.Tensor, fused: bool):
+def _step(layer, x: torch.Tensor, weights: torch.Tensor, fused: bool):
     layer = copy.deepcopy(layer).train()
     if not fused:  # autograd over the same forward
         layer._fused_backward_supported = lambda dtype: False
@@ -49,10 +60,13 @@ def _close(actual, expected, what):
     assert error <= 1e-12, f'{what}: relative difference {error:.2e}'
 
 
-@pytest.mark.parametrize('case', sorted(CASES))
+@pytest.mark.parametrize('case', sorted(CASES) + sorted(GROUP_NORM_CASES))
 @pytest.mark.parametrize('mean', [0.0, 1e3])
 def test_hand_written_backward_is_autograds(case, mean):
-    layer = _layer(dict(CASES[case]))
+    if case in CASES:
+        layer = _layer(dict(CASES[case]))
+    else:
+        layer = _layer(dict(GROUP_NORM_CASES[case]), cls=GroupNormCE)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 32, 5, 6, generator=gen, dtype=torch.float64) * 2 + mean
     weights = torch.randn(4, 32, 5, 6, generator=gen, dtype=torch.float64)
@@ -71,11 +85,12 @@ def test_hand_written_backward_is_autograds(case, mean):
             assert torch.equal(fused[4][name], value), name
 
 
-def test_zero_gamma_and_a_constant_channel():
+@pytest.mark.parametrize('cls', [CE, GroupNormCE])
+def test_zero_gamma_and_a_constant_channel(cls):
     """gamma = 0 (zero_init_residual) and a channel constant over the batch
     (BN variance clamped at 0, instance variances 0): no division by a or by
     the variance, gradients equal autograd's and finite."""
-    layer = _layer({}, zero_gamma=True)
+    layer = _layer({} if cls is CE else dict(num_groups=4), zero_gamma=True, cls=cls)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 32, 4, 4, generator=gen, dtype=torch.float64)
     x[:, 5] = 0.25

@@ -331,8 +331,8 @@ class CEBlock(nn.Module):
 
     def maps_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
                       ) -> 'MapsGradients':
-        """The gradients of :meth:`maps` (released whitening, both branches,
-        one normalizer scale ``a`` ``(G, d)`` for all samples).
+        """The gradients of :meth:`maps` (released whitening, both branches;
+        a normalizer scale ``a`` ``(G, d)`` or one per sample ``(N, G, d)``).
 
         With :math:`A_n = \\lambda W + \\mathrm{diag}(k_n)`, :math:`M_n = A_n
         \\mathrm{diag}(a)` and :math:`c_n = A_n b_n`: :math:`\\partial A_n =
@@ -346,10 +346,12 @@ class CEBlock(nn.Module):
         n, groups, size, _ = per_sample.shape
         batch = n * groups
         # (N, G, d, d) -> (N*G, d, d); (N, G, d, 1) @ (N, G, 1, d) added
-        grad_per_sample = torch.baddbmm((grad_matrix * scale[:, None, :]).view(batch, size, size),
+        # columns scaled by a: (G, 1, d) or, one per sample, (N, G, 1, d)
+        grad_per_sample = torch.baddbmm((grad_matrix * scale.unsqueeze(-2)).view(batch, size, size),
                                         grad_bias.reshape(batch, size, 1),
                                         shift.reshape(batch, 1, size))
-        grad_scale = (grad_matrix * per_sample).sum((0, 2))  # (G, d)
+        # (G, d), or (N, G, d) for a scale per sample
+        grad_scale = (grad_matrix * per_sample).sum((0, 2) if scale.dim() == 2 else 2)
         # (N*G, d, d)^T @ (N*G, d, 1) -> (N, G, d)
         grad_shift = torch.bmm(per_sample.view(batch, size, size).mT,
                                grad_bias.reshape(batch, size, 1)).view(n, groups, size)

@@ -318,7 +318,8 @@ class CELayer:
 
         From this worker's sums over its ``num_samples`` images: ``first``
         ``(G, d)`` or ``(C,)``, ``second`` ``(G, d, d)``, ``instance_var``
-        ``(C,)``. Returns ``(first (C,), second (G, d, d), instance_var (C,),
+        ``(C,)`` (or its total, ``(1,)``). Returns ``(first (C,), second
+        (G, d, d), instance_var,
         has_data, count, num_instances)``, the counts ``N*L`` and ``N`` clamped
         to ``min_count`` and 1 (an all-empty synchronized batch has no
         statistics, ``has_data`` False, and divides by no 0). Not
@@ -339,7 +340,7 @@ class CELayer:
         ])
         packed = self._reduce(packed)
         total_first, total_second, total_var, counts = torch.split(
-            packed, [channels, channels * size, channels, 2])
+            packed, [channels, channels * size, instance_var.numel(), 2])
         return (total_first, total_second.view(groups, size, size), total_var,
                 counts[0] > 0, counts[0].clamp_min(min_count), counts[1].clamp_min(1))
 

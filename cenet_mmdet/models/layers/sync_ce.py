@@ -33,8 +33,8 @@ reference ``t`` of the sums (``C + 1`` numbers, forward only, see
 (moments of ``x - t`` for a reference ``t`` shared by the workers, see
 :class:`SyncCE`), i.e. ``4 * (2*C + C*d + 2)`` bytes for float32: 18,440 bytes for C=256,
 d=16; 16,904 bytes for the stem (C=64, d=64); 73,736 bytes for C=1024, d=16.
-The backward pass all-reduces the gradient of that tensor once (the sums are
-differentiable), so a training step costs two collectives of that size per
+The backward pass all-reduces the gradient of the sums once (without the two
+counts), so a training step costs two collectives of about that size per
 layer, plus the small one. Evaluation uses running statistics and communicates nothing. A worker
 with an empty batch (``N = 0``) still joins both collectives and contributes
 zeros; if every worker's batch is empty, the outputs are empty and the running
@@ -191,7 +191,7 @@ class SyncGroupNormCE(_SyncStatistics, GroupNormCE):
     ``all_reduce`` per training forward (and one for its gradient), as in
     :class:`SyncCE`::
 
-        [ sum_z (C) | sum_z z z^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
+        [ sum_z (C) | sum_z z z^T per group (G*d*d) | sum_nc var_nc (1) | N*H*W | N ]
 
     Falls back to :class:`GroupNormCE` when torch.distributed is not
     initialized, the world size is 1, or in eval mode.
