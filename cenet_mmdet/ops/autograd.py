@@ -152,7 +152,7 @@ class _InstanceMoments(torch.autograd.Function):
         x_flat, = _saved_operand(ctx)  # (N*G, d, L)
         term_shape = x_flat.shape[:2] + (1, )  # (N*G, d, 1)
         grad = None
-        handed = _take_flat(ctx, x_flat)
+        handed = _handed_operands(ctx, x_flat)
         if handed is not None:  # M^T g (+ g_s), one GEMM
             grad = (torch.bmm(*handed) if grad_sums is None else
                     torch.baddbmm(grad_sums.reshape(term_shape), *handed))
@@ -168,7 +168,7 @@ class _InstanceMoments(torch.autograd.Function):
         return (None if grad is None else grad.view(ctx.grouped_shape)), None
 
 
-def _take_flat(ctx, x_flat: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+def _handed_operands(ctx, x_flat: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """The operands handed over through ``ctx.link`` (see
     :class:`GradientLink`), or None."""
     if ctx.link is None:
@@ -202,7 +202,7 @@ class _GroupMoments(torch.autograd.Function):
         x_flat, = _saved_operand(ctx)  # (N*G, d, L)
         batch, size, _ = x_flat.shape
         term_shape = (batch, size, 1)
-        handed = _take_flat(ctx, x_flat)  # (M^T, g) of M^T g, or None
+        handed = _handed_operands(ctx, x_flat)  # (M^T, g) of M^T g, or None
         if grad_gram is None:
             term = grad_sums.reshape(term_shape)
             if handed is None:

@@ -73,6 +73,12 @@ MUTATIONS: List[Mutation] = [
         "the hand-written train backward drops half of d a through a^2",
         ((T + 'test_layers/test_ce_train_backward.py', ),)),
     Mutation(
+        'group_norm_train_backward', 'cenet_mmdet/models/layers/group_norm_ce.py',
+        "grad_mean_k = grad_centre - grad_centre.mean(-1, keepdim=True)",
+        "grad_mean_k = grad_centre.clone()",
+        "GN + CE's train backward forgets that the group mean depends on each channel",
+        ((T + 'test_layers/test_ce_train_backward.py', ),)),
+    Mutation(
         'nonfinite_guard', 'cenet_mmdet/models/layers/ce_layer.py',
         'accept, skipped = finite, ~finite\n',
         'accept, skipped = finite | True, ~finite\n',

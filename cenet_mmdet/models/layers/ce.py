@@ -172,15 +172,11 @@ class CE(CELayer, nn.BatchNorm2d):
         return TrainAffine(affine, stats, (updates, has_data, mean_rel))
 
     def _fused_backward_supported(self, dtype: torch.dtype) -> bool:
-        return (not self.pool_stats and self.ce.fused_backward_supported()
-                and all(tensor.dtype == dtype for tensor in
-                        list(self.parameters()) + list(self.ce.aii.weights())))
+        return not self.pool_stats and super()._fused_backward_supported(dtype)
 
     def _train_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
                         ) -> Tuple[Optional[Tensor], ...]:
-        """The gradients of :meth:`_train_affine` and ``ce.maps`` with
-        respect to the moments and the parameters (the inputs of
-        :meth:`CELayer._train_maps`), from those of the maps."""
+        """BN's part of the hand-written backward (``CELayer._train_backward``)."""
         ce = self.ce
         grads = ce.maps_backward(trail, grad_matrix, grad_bias)
         grad_cov_y, grad_mean_var = ce.batch_statistics_backward(
@@ -231,15 +227,8 @@ class CE(CELayer, nn.BatchNorm2d):
         # d G_n = d total_gram + diag(d dev_n), (N, G, d, d)
         grad_gram = torch.addcmul(grad_total_gram, grad_dev.unsqueeze(-1),
                                   self.ce.identity)
-        by_name = {'weight': grad_weight.view(channels) if self.affine else None,
-                   'bias': grad_beta.view(channels) if self.affine else None,
-                   'ce.lambda_logit': grads.lambda_logit}
-        if grads.gate is not None:
-            by_name.update(zip(('ce.aii.gate.0.weight', 'ce.aii.gate.1.weight',
-                                'ce.aii.gate.1.bias', 'ce.aii.gate.3.weight'),
-                               grads.gate))
-        return (grad_sums, grad_gram) + tuple(
-            by_name.get(name) for name, _ in self.named_parameters())
+        return (grad_sums, grad_gram) + self._parameter_gradients(
+            grads, grad_weight.view(channels), grad_beta.view(channels))
 
     def _pooled_statistics(self, source: Tensor, affine: PerSampleAffine,
                            count: Tensor, spatial: Tuple[int, int]

@@ -36,7 +36,7 @@ from torch import Tensor
 from ...ops import (FoldConstants, GradientLink, apply_maps, centred_sums,
                     constant_maps, sample_moments, small_graph)
 from ...ops import modes
-from .block import BlockStatistics, CEBlock, PerSampleAffine
+from .block import BlockStatistics, CEBlock, MapsGradients, PerSampleAffine
 
 
 class Moments(NamedTuple):
@@ -230,12 +230,30 @@ class CELayer:
 
     def _fused_backward_supported(self, dtype: torch.dtype) -> bool:
         """Whether :meth:`_train_backward` covers this layer's options for
-        inputs of ``dtype`` (none by default)."""
-        return False
+        inputs of ``dtype``: the block's (:meth:`CEBlock.fused_backward_supported`),
+        with every parameter and gate weight in ``dtype``."""
+        return self.ce.fused_backward_supported() and all(
+            tensor.dtype == dtype
+            for tensor in list(self.parameters()) + list(self.ce.aii.weights()))
 
     def _train_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
                         ) -> Tuple[Optional[Tensor], ...]:
+        """The gradients of :meth:`_train_affine` and ``ce.maps`` with
+        respect to the inputs of :meth:`_train_maps`: the moments ``(sums,
+        second)``, then one per parameter (:meth:`_parameter_gradients`)."""
         raise NotImplementedError
+
+    def _parameter_gradients(self, grads: MapsGradients, weight: Optional[Tensor],
+                             bias: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        """One gradient per parameter, in ``self.parameters()``'s order: the
+        normalizer's ``weight`` and ``bias`` ``(C,)``, and the block's from
+        ``grads``."""
+        by_tensor = {id(self.weight): weight, id(self.bias): bias} if self.affine else {}
+        if self.ce.variant == 'ce':
+            by_tensor[id(self.ce.lambda_logit)] = grads.lambda_logit
+        if grads.gate is not None:
+            by_tensor.update(zip(map(id, self.ce.aii.weights()), grads.gate))
+        return tuple(by_tensor.get(id(param)) for param in self.parameters())
 
     def _use_batch_stats(self) -> bool:
         return self.training

@@ -142,16 +142,10 @@ class GroupNormCE(CELayer, nn.GroupNorm):
         return TrainAffine(affine, stats,
                            (self.ce.running_updates(stats), has_data, mean_y))
 
-    def _fused_backward_supported(self, dtype: torch.dtype) -> bool:
-        return self.ce.fused_backward_supported() and all(
-            tensor.dtype == dtype for tensor in
-            list(self.parameters()) + list(self.ce.aii.weights()))
-
     def _train_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
                         ) -> Tuple[Optional[Tensor], ...]:
-        """The gradients of :meth:`_train_affine` and ``ce.maps`` with
-        respect to the moments and the parameters (the inputs of
-        :meth:`CELayer._train_maps`), from those of the maps."""
+        """The normalizer's part of the hand-written backward
+        (``CELayer._train_backward``)."""
         ce = self.ce
         grads = ce.maps_backward(trail, grad_matrix, grad_bias)
         grad_cov_y, grad_mean_var = ce.batch_statistics_backward(
@@ -221,15 +215,9 @@ class GroupNormCE(CELayer, nn.GroupNorm):
                                   sums.reshape(batch, size, 1), beta=1.0 / positions,
                                   alpha=-2.0 / positions).view(n, groups, size)
         grad_scatter.diagonal(dim1=-2, dim2=-1).add_(grad_dev)  # d G_n
-        by_name = {'weight': grad_weight,
-                   'bias': grads.shift.sum(0).view(channels) if self.affine else None,
-                   'ce.lambda_logit': grads.lambda_logit}
-        if grads.gate is not None:
-            by_name.update(zip(('ce.aii.gate.0.weight', 'ce.aii.gate.1.weight',
-                                'ce.aii.gate.1.bias', 'ce.aii.gate.3.weight'),
-                               grads.gate))
-        return (grad_sums, grad_scatter) + tuple(
-            by_name.get(name) for name, _ in self.named_parameters())
+        grad_bias = grads.shift.sum(0).view(channels) if self.affine else None
+        return (grad_sums, grad_scatter) + self._parameter_gradients(
+            grads, grad_weight, grad_bias)
 
     def _eval_affine(self, moments: Moments) -> PerSampleAffine:
         """The normalizer's per-sample map (it has no running statistics)."""
