@@ -48,6 +48,13 @@ SCENARIOS = {
     'uneven_n_f32': dict(shapes=[(3, C, 4, 6), (1, C, 4, 6)],
                          eval_shapes=[(2, C, 4, 6), (2, C, 4, 6)], steps=2,
                          dtype=torch.float32, frozen_gate=False, build='init'),
+    # the same, differentiated by autograd op by op (the path of the options
+    # without a hand-written backward, and of compiled runs): the gradient
+    # goes through the differentiable all-reduce
+    'uneven_n_f64_autograd': dict(shapes=[(2, C, 4, 6), (3, C, 4, 6)],
+                                  eval_shapes=[(2, C, 3, 5), (1, C, 3, 5)], steps=2,
+                                  dtype=torch.float64, frozen_gate=False, build='init',
+                                  autograd=True),
     'frozen_gate_f64': dict(shapes=[(1, C, 5, 5), (3, C, 5, 5)],
                             eval_shapes=[(2, C, 3, 3), (2, C, 3, 3)], steps=2,
                             dtype=torch.float64, frozen_gate=True, build='init'),
@@ -181,6 +188,8 @@ def _train_in_group(name: str, rank: int) -> dict:
         layer = layer.to(spec['dtype'])
         layer.load_state_dict(ce.state_dict())
     assert type(layer) is sync_cls
+    if spec.get('autograd'):
+        layer._fused_backward_supported = lambda dtype: False
     layer.train()
     optimizer = MomentumSGD(layer.parameters())
     steps = []

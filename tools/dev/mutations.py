@@ -107,6 +107,12 @@ MUTATIONS: List[Mutation] = [
         "_AllReduceSum.backward returns the local gradient (not reduced)",
         ((T + 'test_dist/test_sync_ce_dist.py', ),)),
     Mutation(
+        'sync_backward_fused', 'cenet_mmdet/models/layers/ce_layer.py',
+        'packed = self._reduce(torch.cat([grad.reshape(-1) for grad in grads]))',
+        'packed = torch.cat([grad.reshape(-1) for grad in grads])',
+        "the hand-written backward does not sum the sums' gradients over the workers",
+        ((T + 'test_dist/test_sync_ce_dist.py', ),)),
+    Mutation(
         'cpu_sync_bn_local', 'cenet_mmdet/engine/cpu_dist.py',
         'total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)',
         'total = torch.cat([x.sum(dims), count])',
