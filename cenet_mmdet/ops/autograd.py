@@ -11,39 +11,46 @@ Notation: an input ``x`` of shape ``(N, C, H, W)`` is viewed as
 ``(N, G, d, L)`` with ``G`` groups of ``d`` contiguous channels and ``L = H * W``
 positions. For a contiguous NCHW tensor this view is free (no copy).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import modes
+from .functional import GateTrace, gate_backward, gate_forward
 from .modes import contiguous_for_compiler
 
 
 class GradientLink:
-    """Hands the input gradient of :func:`apply_maps` to the backward of
-    :func:`sample_moments` of the *same* input, which adds its own term in
-    place and returns the sum: one ``(N, G, d, L)`` gradient tensor instead
-    of two plus autograd's accumulation (fresh activation-sized tensors are
-    what a CPU step pays most for). Autograd always runs the application's
+    """Hands the input gradient of :func:`apply_maps`, as its two GEMM
+    operands :math:`(M^T, g)`, to the backward of :func:`sample_moments` of
+    the *same* input, which computes :math:`M^T g` plus its own terms in one
+    ``baddbmm`` (and one more for a Gram matrix): one ``(N, G, d, L)``
+    gradient tensor instead of two plus autograd's accumulation (fresh
+    activation-sized tensors are what a CPU step pays most for, launches
+    what a GPU step pays for). Autograd always runs the application's
     backward first, since its maps are computed from the moments. Under
     ``create_graph=True`` nothing is handed over (plain accumulation).
     """
 
-    __slots__ = ('grad', )
+    __slots__ = ('operands', )
 
     def __init__(self) -> None:
-        self.grad: Optional[Tensor] = None
+        #: ``(M^T (N*G, d, d), g (N*G, d, L))`` or None
+        self.operands: Optional[Tuple[Tensor, Tensor]] = None
 
-    def take(self, like: Tensor) -> Optional[Tensor]:
-        """The handed-over gradient (once), or None."""
-        grad, self.grad = self.grad, None
-        if grad is None or modes.creating_graph():
+    def take(self, like: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The handed-over operands (once), or None; ``like`` is the
+        ``(N*G, d, L)`` input whose gradient they make."""
+        operands, self.operands = self.operands, None
+        if operands is None or modes.creating_graph():
             return None
-        if grad.shape != like.shape:
+        matrix_t, grad = operands
+        shape = (matrix_t.size(0), matrix_t.size(1), grad.size(-1))
+        if shape != tuple(like.shape):
             raise RuntimeError('GradientLink joins two different inputs: '
-                               f'{tuple(grad.shape)} vs {tuple(like.shape)}')
-        return grad
+                               f'{shape} vs {tuple(like.shape)}')
+        return operands
 
 
 def sample_moments(x_grouped: Tensor,
@@ -144,7 +151,12 @@ class _InstanceMoments(torch.autograd.Function):
                  grad_squares: Optional[Tensor]):
         x_flat, = _saved_operand(ctx)  # (N*G, d, L)
         term_shape = x_flat.shape[:2] + (1, )  # (N*G, d, 1)
-        grad = _take_flat(ctx, x_flat)
+        grad = None
+        handed = _handed_operands(ctx, x_flat)
+        if handed is not None:  # M^T g (+ g_s), one GEMM
+            grad = (torch.bmm(*handed) if grad_sums is None else
+                    torch.baddbmm(grad_sums.reshape(term_shape), *handed))
+            grad_sums = None
         # (N*G, d, 1) terms broadcast over L, added in place where possible
         # (``addcmul`` with a broadcast first operand expands and copies it).
         if grad_squares is not None:
@@ -156,13 +168,12 @@ class _InstanceMoments(torch.autograd.Function):
         return (None if grad is None else grad.view(ctx.grouped_shape)), None
 
 
-def _take_flat(ctx, x_flat: Tensor) -> Optional[Tensor]:
-    """The gradient handed over through ``ctx.link`` as ``(N*G, d, L)``, or
-    None."""
+def _handed_operands(ctx, x_flat: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """The operands handed over through ``ctx.link`` (see
+    :class:`GradientLink`), or None."""
     if ctx.link is None:
         return None
-    grad = ctx.link.take(x_flat.view(ctx.grouped_shape))
-    return None if grad is None else grad.view(x_flat.shape)
+    return ctx.link.take(x_flat)
 
 
 class _GroupMoments(torch.autograd.Function):
@@ -191,22 +202,24 @@ class _GroupMoments(torch.autograd.Function):
         x_flat, = _saved_operand(ctx)  # (N*G, d, L)
         batch, size, _ = x_flat.shape
         term_shape = (batch, size, 1)
-        handed = _take_flat(ctx, x_flat)
+        handed = _handed_operands(ctx, x_flat)  # (M^T, g) of M^T g, or None
         if grad_gram is None:
             term = grad_sums.reshape(term_shape)
             if handed is None:
                 return term.expand_as(x_flat).clone().view(ctx.grouped_shape), None
-            return handed.add_(term).view(ctx.grouped_shape), None
+            return torch.baddbmm(term, *handed).view(ctx.grouped_shape), None
         # (N, G, d, d) -> (N*G, d, d)
         symmetric = (grad_gram + grad_gram.transpose(-1, -2)).reshape(batch, size, size)
-        sums_term = (grad_gram.new_zeros(term_shape) if grad_sums is None
-                     else grad_sums.reshape(term_shape))
-        # (N*G, d, d) @ (N*G, d, L) + (N*G, d, 1) -> (N*G, d, L)
         if handed is None:
+            sums_term = (grad_gram.new_zeros(term_shape) if grad_sums is None
+                         else grad_sums.reshape(term_shape))
+            # (N*G, d, d) @ (N*G, d, L) + (N*G, d, 1) -> (N*G, d, L)
             grad = torch.baddbmm(sums_term, symmetric, x_flat)
-            return grad.view(ctx.grouped_shape), None
-        handed.baddbmm_(symmetric, x_flat)
-        return handed.add_(sums_term).view(ctx.grouped_shape), None
+        else:  # g_s + M^T g + (G + G^T) x
+            grad = (torch.bmm(*handed) if grad_sums is None else
+                    torch.baddbmm(grad_sums.reshape(term_shape), *handed))
+            grad.baddbmm_(symmetric, x_flat)
+        return grad.view(ctx.grouped_shape), None
 
 
 def apply_maps(matrix: Tensor, bias: Tensor, x_grouped: Tensor,
@@ -277,20 +290,20 @@ class _ApplyMaps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad_flat.sum(-1, keepdim=True).view(n, groups, size, 1)
         if ctx.needs_input_grad[2]:
-            # (N*G, d, d)^T @ (N*G, d, L) -> (N*G, d, L), written into a
-            # fresh (N, G, d, L) tensor: not a view, so that autograd may add
-            # the moments' gradient into it in place
             matrix_t = matrix.reshape(batch, size, size).transpose(1, 2)
-            if modes.creating_graph():  # no out= writes
-                grad_x = torch.bmm(matrix_t, grad_flat).view(ctx.grouped_shape)
-            else:
-                grad_x = x_flat.new_empty(ctx.grouped_shape)
-                torch.bmm(matrix_t, grad_flat, out=grad_x.view(batch, size, positions))
-            # The moments' backward (which follows: the matrix depends on the
-            # moments) adds its term and returns the total.
             if (ctx.link is not None and ctx.needs_input_grad[0]
                     and not modes.creating_graph()):
-                ctx.link.grad, grad_x = grad_x, None
+                # The moments' backward (which follows: the matrix depends on
+                # the moments) computes M^T g with its own terms.
+                ctx.link.operands = (matrix_t, grad_flat)
+            elif modes.creating_graph():  # no out= writes
+                grad_x = torch.bmm(matrix_t, grad_flat).view(ctx.grouped_shape)
+            else:
+                # (N*G, d, d)^T @ (N*G, d, L) -> (N*G, d, L), written into a
+                # fresh (N, G, d, L) tensor: not a view, so that autograd may
+                # add other gradients into it in place
+                grad_x = x_flat.new_empty(ctx.grouped_shape)
+                torch.bmm(matrix_t, grad_flat, out=grad_x.view(batch, size, positions))
         return grad_matrix, grad_bias, grad_x, None, None
 
 
@@ -335,19 +348,12 @@ class _ConstantMaps(torch.autograd.Function):
     def forward(ctx, sums: Tensor, squares: Tensor, positions: int,
                 constants, shift: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         n, groups, size = sums.shape
-        reduce, norm_weight, norm_bias, expand = constants.gate
         # sum of squared deviations per (image, channel), (N, G, d)
         deviations = torch.addcmul(squares, sums, sums, value=-1.0 / positions)
         # a^2 * deviations, (N, C); the variance is it / (L - 1), clamped at 0
         scaled = deviations.view(n, groups * size) * constants.variance_scale
-        variance = scaled.clamp_min(0)
-        # (N, C) @ (C, H) / (L - 1) -> (N, H)
-        hidden = torch.addmm(norm_bias, variance, reduce.t(), beta=0,
-                             alpha=1.0 / (positions - 1))
-        normed, mean, rstd = torch.native_layer_norm(
-            hidden, norm_weight.shape, norm_weight, norm_bias, constants.gate_eps)
-        activated = normed.relu()
-        gate = torch.sigmoid(torch.mm(activated, expand.t()))  # (N, C)
+        gate, trace = gate_forward(scaled.clamp_min(0), constants.gate,
+                                   constants.gate_eps, 1.0 / (positions - 1))
         instance_scale = (gate * constants.gate_scale).view(n, groups, size)
         shift_n, bias_n = constants.shift, constants.bias
         if shift is not None:  # b + a t_n and Q + P t_n, (N, G, d)
@@ -358,16 +364,14 @@ class _ConstantMaps(torch.autograd.Function):
         matrix = torch.addcmul(constants.whitened, instance_scale.unsqueeze(-1),
                                constants.diagonal)
         bias = torch.addcmul(bias_n, instance_scale, shift_n).unsqueeze(-1)
-        ctx.save_for_backward(sums, scaled, hidden, mean, rstd, activated, gate,
-                              shift_n)
+        ctx.save_for_backward(sums, scaled, shift_n, *trace)
         ctx.constants, ctx.positions = constants, positions
         return matrix, bias
 
     @staticmethod
     def backward(ctx, grad_matrix: Optional[Tensor], grad_bias: Optional[Tensor]):
-        sums, scaled, hidden, mean, rstd, activated, gate, shift_n = ctx.saved_tensors
+        sums, scaled, shift_n, *trace = ctx.saved_tensors
         constants, positions = ctx.constants, ctx.positions
-        reduce, norm_weight, norm_bias, expand = constants.gate
         n = sums.size(0)
         # dk = diag(dM) * a + dc * b, (N, G, d)
         grad_scale = sums.new_zeros(sums.shape)
@@ -376,16 +380,60 @@ class _ConstantMaps(torch.autograd.Function):
         if grad_bias is not None:
             grad_scale = torch.addcmul(grad_scale, grad_bias.squeeze(-1), shift_n)
         grad_gate = grad_scale.reshape(n, scaled.size(1)) * constants.gate_scale  # (N, C)
-        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)
-        grad_activated = torch.mm(grad_logits, expand)  # (N, H)
-        grad_normed = torch.ops.aten.threshold_backward(grad_activated, activated, 0)
-        grad_hidden = torch.ops.aten.native_layer_norm_backward(
-            grad_normed, hidden, norm_weight.shape, mean, rstd, norm_weight,
-            norm_bias, [True, False, False])[0]
-        # (N, H) @ (H, C) / (L - 1) -> (N, C), through the clamp at 0
-        grad_variance = torch.addmm(constants.variance_scale, grad_hidden, reduce,
-                                    beta=0, alpha=1.0 / (positions - 1))
+        grad_variance, _ = gate_backward(grad_gate, GateTrace(*trace), constants.gate,
+                                         1.0 / (positions - 1))
+        # through the clamp at 0
         grad_variance = grad_variance.masked_fill_(scaled < 0, 0)
         grad_squares = (grad_variance * constants.variance_scale).view(sums.shape)
         grad_sums = (grad_squares * sums).mul_(-2.0 / positions)
         return grad_sums, grad_squares, None, None, None
+
+
+def small_graph(forward: Callable[..., Tuple[Tensor, Tensor, Any]],
+                backward: Callable[..., Sequence[Optional[Tensor]]],
+                inputs: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Any]:
+    """``forward(*inputs, trail=None)`` as one autograd node: a layer's small
+    graph (statistics, Newton steps, gate, fold), which autograd would record
+    as about two hundred tiny ops forward and backward.
+
+    ``forward(*inputs, trail)`` returns ``(matrix, bias, extra)``: two
+    differentiable tensors and anything else (e.g. the running statistics,
+    which take no gradient); with a ``trail`` dict it stores in it what
+    ``backward(trail, grad_matrix, grad_bias)`` needs, which returns one
+    gradient (or None) per input. The forward runs without recording; the
+    backward is the hand-written one, except under ``create_graph=True``,
+    where the forward is recomputed on the saved inputs under autograd (so
+    that higher derivatives are exact).
+    """
+    extra = []
+    matrix, bias = _SmallGraph.apply(forward, backward, extra, *inputs)
+    return matrix, bias, extra[0]
+
+
+class _SmallGraph(torch.autograd.Function):
+    """See :func:`small_graph`."""
+
+    @staticmethod
+    def forward(ctx, forward, backward, extra: list, *inputs: Tensor):
+        trail: dict = {}
+        matrix, bias, rest = forward(*inputs, trail=trail)
+        extra.append(rest)
+        ctx.save_for_backward(*inputs)
+        ctx.trail, ctx.graph, ctx.graph_backward = trail, forward, backward
+        return matrix, bias
+
+    @staticmethod
+    def backward(ctx, grad_matrix: Tensor, grad_bias: Tensor):
+        inputs = ctx.saved_tensors
+        if modes.creating_graph():  # recompute under autograd: exact higher orders
+            wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[3 + i]]
+            matrix, bias, _ = ctx.graph(*inputs, trail=None)
+            found = torch.autograd.grad(
+                (matrix, bias), [inputs[i] for i in wanted], (grad_matrix, grad_bias),
+                create_graph=True, allow_unused=True)
+            grads = [None] * len(inputs)
+            for index, grad in zip(wanted, found):
+                grads[index] = grad
+        else:
+            grads = ctx.graph_backward(ctx.trail, grad_matrix, grad_bias)
+        return (None, None, None) + tuple(grads)

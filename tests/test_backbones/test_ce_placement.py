@@ -59,8 +59,9 @@ def _run(model: nn.Module, x: torch.Tensor, training: bool):
                            dtype=o.dtype) for i, o in enumerate(outs)]
     sum((o * w).sum() for o, w in zip(outs, weights)).backward()
     params = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    saved = model.state_dict()  # the persistent buffers (not ce.identity)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()
-               if b.is_floating_point()}
+               if b.is_floating_point() and n in saved}
     return [o.detach() for o in outs], x.grad, params, buffers
 
 

@@ -378,9 +378,10 @@ def test_norm_eval_freezes_every_ce_statistic(norm):
     after = model.state_dict()
     buffers = {name for name, _ in model.named_buffers()}
     assert sum('.ce.running_whitening' in b for b in buffers) == 14
-    # every buffer but the (unsaved) non-finite skip counters is in the state
+    # every buffer but the (unsaved) non-finite skip counters and identities
+    # is in the state
     assert {b for b in buffers if b not in after} == {
-        name for name in buffers if name.endswith('.nonfinite_skips')}
+        name for name in buffers if name.endswith(('.nonfinite_skips', '.ce.identity'))}
     for key in buffers & set(after):
         assert torch.equal(after[key], before[key]), key
     # parameters (CE ones included) still train

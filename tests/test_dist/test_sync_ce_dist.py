@@ -48,6 +48,13 @@ SCENARIOS = {
     'uneven_n_f32': dict(shapes=[(3, C, 4, 6), (1, C, 4, 6)],
                          eval_shapes=[(2, C, 4, 6), (2, C, 4, 6)], steps=2,
                          dtype=torch.float32, frozen_gate=False, build='init'),
+    # the same, differentiated by autograd op by op (the path of the options
+    # without a hand-written backward, and of compiled runs): the gradient
+    # goes through the differentiable all-reduce
+    'uneven_n_f64_autograd': dict(shapes=[(2, C, 4, 6), (3, C, 4, 6)],
+                                  eval_shapes=[(2, C, 3, 5), (1, C, 3, 5)], steps=2,
+                                  dtype=torch.float64, frozen_gate=False, build='init',
+                                  autograd=True),
     'frozen_gate_f64': dict(shapes=[(1, C, 5, 5), (3, C, 5, 5)],
                             eval_shapes=[(2, C, 3, 3), (2, C, 3, 3)], steps=2,
                             dtype=torch.float64, frozen_gate=True, build='init'),
@@ -181,6 +188,8 @@ def _train_in_group(name: str, rank: int) -> dict:
         layer = layer.to(spec['dtype'])
         layer.load_state_dict(ce.state_dict())
     assert type(layer) is sync_cls
+    if spec.get('autograd'):
+        layer._fused_backward_supported = lambda dtype: False
     layer.train()
     optimizer = MomentumSGD(layer.parameters())
     steps = []
@@ -604,17 +613,22 @@ def test_collectives_per_layer_and_documented_bytes(dist_run):
     assert [size for _, size, _ in expected] == [1028, 18440, 260, 16904]
     for rank in range(2):
         assert calls[rank]['forward'] == expected
-        # backward: one all-reduce of the packed gradient per layer, reverse order
-        assert calls[rank]['backward'] == [expected[3], expected[1]]
+        # backward: one all-reduce of the packed gradient per layer, reverse
+        # order; the hand-written backward leaves out the two counts
+        assert calls[rank]['backward'] == [
+            ('all_reduce', 16904 - 8, 'torch.float32'),
+            ('all_reduce', 18440 - 8, 'torch.float32')]
         assert calls[rank]['others'] == (
             forward(1024, 16)  # 73,736 bytes packed
             + forward(256, 16, 'torch.float64')
             + forward(256, 16))  # bfloat16 input: float32 sums
         assert calls[rank]['eval'] == []
         # GN + CE: no shared reference needed (y - beta): one collective of
-        # the packed block sums forward, one for its gradient
-        packed = ('all_reduce', 4 * (2 * 256 + 256 * 16 + 2), 'torch.float32')
-        assert calls[rank]['group_norm'] == [packed, packed]
+        # the packed block sums forward (first moments, scatter, the total of
+        # the instance variances, two counts), their gradient (no counts)
+        assert calls[rank]['group_norm'] == [
+            ('all_reduce', 4 * (256 + 256 * 16 + 1 + 2), 'torch.float32'),
+            ('all_reduce', 4 * (256 + 256 * 16 + 1), 'torch.float32')]
     import cenet_mmdet.models.layers.sync_ce as sync_ce
     for number in ('18,440', '16,904', '73,736'):
         assert number in sync_ce.__doc__

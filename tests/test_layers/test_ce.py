@@ -292,6 +292,6 @@ def test_partial_repeated_and_higher_order_backward(training):
     # the link refuses to join different inputs
     from cenet_mmdet.ops import GradientLink
     link = GradientLink()
-    link.grad = torch.zeros(2, 3)
+    link.operands = (torch.zeros(2, 3, 3), torch.zeros(2, 3, 4))  # M^T g: (2, 3, 4)
     with torch.no_grad(), pytest.raises(RuntimeError, match='two different inputs'):
-        link.take(torch.zeros(3, 2))
+        link.take(torch.zeros(2, 3, 5))

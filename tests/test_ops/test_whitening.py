@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from cenet_mmdet.ops import (apply_maps, fold_channel_equilibrium,
-                             inverse_sqrt_newton, resolve_group_size,
-                             sample_moments, shifted_moments)
+from cenet_mmdet.ops import (apply_maps, batch_moments, batch_moments_backward,
+                             fold_channel_equilibrium, gate_backward,
+                             gate_forward, inverse_sqrt_newton,
+                             inverse_sqrt_newton_backward, resolve_group_size,
+                             sample_moments)
 
 
 def _well_conditioned(groups, size, condition, seed=0):
@@ -149,14 +151,76 @@ def test_fold_with_per_sample_shift():
     torch.testing.assert_close(matrix @ x + bias, expected)
 
 
-def test_shifted_moments_are_the_moments_about_the_reference():
+def test_batch_moments_are_the_moments_about_the_reference():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 2, 4, 6, generator=gen, dtype=torch.float64) * 3 + 5
     shift = x[..., :1]
     reference = torch.randn(2, 4, generator=gen, dtype=torch.float64)
     sums, gram = sample_moments(x - shift)
-    ref_sums, ref_gram = shifted_moments(sums, gram, shift.squeeze(-1) - reference,
-                                         x.size(-1))
+    ref_sums, ref_gram = batch_moments(sums, gram, shift.squeeze(-1) - reference,
+                                       x.size(-1))
     about = x - reference[..., None]
-    torch.testing.assert_close(ref_sums, about.sum(-1))
-    torch.testing.assert_close(ref_gram, about @ about.transpose(-1, -2))
+    torch.testing.assert_close(ref_sums, about.sum(-1).sum(0))
+    torch.testing.assert_close(ref_gram, (about @ about.transpose(-1, -2)).sum(0))
+
+
+def _autograd_grads(function, inputs, grad_out):
+    """The gradients of ``function`` by plain autograd (the reference)."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = function(*inputs)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize('num_iters', [1, 2, 3, 5])
+def test_newton_backward_is_autograds(num_iters):
+    """The hand-written backward of the Newton steps against autograd of the
+    forward, float64 (and the forward's trail does not change its result)."""
+    gen = torch.Generator().manual_seed(num_iters)
+    a = torch.randn(3, 5, 40, generator=gen, dtype=torch.float64)
+    cov = a @ a.mT / 40 + 1e-3 * torch.eye(5, dtype=torch.float64)
+    grad = torch.randn(3, 5, 5, generator=gen, dtype=torch.float64)
+    trail = []
+    out = inverse_sqrt_newton(cov, num_iters, trail=trail)
+    torch.testing.assert_close(out, inverse_sqrt_newton(cov, num_iters), rtol=0, atol=0)
+    expected, = _autograd_grads(lambda c: inverse_sqrt_newton(c, num_iters), [cov], grad)
+    torch.testing.assert_close(inverse_sqrt_newton_backward(grad, trail), expected,
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_gate_backward_is_autograds():
+    gen = torch.Generator().manual_seed(0)
+    variance = torch.rand(4, 12, generator=gen, dtype=torch.float64)
+    weights = [torch.randn(3, 12, generator=gen, dtype=torch.float64),
+               torch.rand(3, generator=gen, dtype=torch.float64) + 0.5,
+               torch.randn(3, generator=gen, dtype=torch.float64),
+               torch.randn(12, 3, generator=gen, dtype=torch.float64)]
+    grad = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    alpha = 0.3
+
+    def reference(v, w1, lw, lb, w2):  # the gate written plainly
+        hidden = torch.nn.functional.layer_norm(alpha * v @ w1.t(), (3, ), lw, lb, 1e-5)
+        return torch.sigmoid(hidden.relu() @ w2.t())
+
+    expected = _autograd_grads(reference, [variance] + weights, grad)
+    gate, trace = gate_forward(variance, weights, 1e-5, alpha)
+    torch.testing.assert_close(gate, reference(variance, *weights))
+    grad_variance, grad_weights = gate_backward(grad, trace, weights, alpha,
+                                                weight_grads=True)
+    for actual, wanted in zip([grad_variance, *grad_weights], expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-14)
+    assert gate_backward(grad, trace, weights, alpha)[1] is None
+
+
+def test_batch_moments_backward_is_autograds():
+    gen = torch.Generator().manual_seed(3)
+    sums = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 2, 4, 7, generator=gen, dtype=torch.float64)
+    gram = a @ a.mT
+    offset = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+    grad_gram = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    grad_gram = grad_gram + grad_gram.mT  # symmetric, as the function asks
+    expected_sums, expected_gram = _autograd_grads(
+        lambda s, g: batch_moments(s, g, offset, 7)[1], [sums, gram], grad_gram)
+    torch.testing.assert_close(batch_moments_backward(grad_gram, offset), expected_sums,
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(expected_gram, grad_gram.expand(3, 2, 4, 4))

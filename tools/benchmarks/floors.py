@@ -82,11 +82,15 @@ class _LinkedSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sums: torch.Tensor):
         x_grouped, = ctx.saved_tensors
-        handed = ctx.link.take(x_grouped) if ctx.link is not None else None
+        n, groups, size, positions = x_grouped.shape
+        x_flat = x_grouped.reshape(n * groups, size, positions)
+        handed = ctx.link.take(x_flat) if ctx.link is not None else None
         term = grad_sums.unsqueeze(-1)  # (N, G, d, 1)
         if handed is None:
             return term.expand_as(x_grouped).clone(), None
-        return handed.add_(term), None
+        # g_s + M^T g, one GEMM (see GradientLink)
+        return torch.baddbmm(term.reshape(n * groups, size, 1), *handed
+                             ).view(x_grouped.shape), None
 
 
 class GatedMapsOnly(MapsOnly):

@@ -56,9 +56,9 @@ MUTATIONS: List[Mutation] = [
         ((T + 'test_ops/test_whitening.py', ),)),
     Mutation(
         'shift_cross_term', 'cenet_mmdet/ops/functional.py',
-        'gram = gram + cross + cross.transpose(-1, -2) + positions * outer',
-        'gram = gram + cross + positions * outer',
-        'shifted_moments drops the transposed cross term',
+        'total_gram = total_gram.baddbmm_(offset.permute(1, 2, 0), half.transpose(0, 1))',
+        'total_gram = total_gram + 0',
+        'batch_moments drops the transposed cross term',
         ((T + 'test_layers/test_ce_precision.py', ),)),
     Mutation(
         'instance_variance_biased', 'cenet_mmdet/ops/functional.py',
@@ -67,9 +67,21 @@ MUTATIONS: List[Mutation] = [
         'per-instance variance divided by L (biased), not L - 1',
         ((T + 'test_layers/test_ce.py', ),)),
     Mutation(
+        'train_backward_scale', 'cenet_mmdet/models/layers/ce.py',
+        'grad_scale.addcmul_(scale, grad_square.view(groups, size), value=2)',
+        'grad_scale.addcmul_(scale, grad_square.view(groups, size), value=1)',
+        "the hand-written train backward drops half of d a through a^2",
+        ((T + 'test_layers/test_ce_train_backward.py', ),)),
+    Mutation(
+        'group_norm_train_backward', 'cenet_mmdet/models/layers/group_norm_ce.py',
+        "grad_mean_k = grad_centre - grad_centre.mean(-1, keepdim=True)",
+        "grad_mean_k = grad_centre.clone()",
+        "GN + CE's train backward forgets that the group mean depends on each channel",
+        ((T + 'test_layers/test_ce_train_backward.py', ),)),
+    Mutation(
         'nonfinite_guard', 'cenet_mmdet/models/layers/ce_layer.py',
-        'accept = has_data & finite\n',
-        'accept = has_data\n',
+        'accept, skipped = finite, ~finite\n',
+        'accept, skipped = finite | True, ~finite\n',
         'a non-finite batch still updates the running statistics',
         ((T + 'test_layers/test_ce_nonfinite.py', ),)),
     Mutation(
@@ -93,6 +105,12 @@ MUTATIONS: List[Mutation] = [
         '        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)\n',
         '',
         "_AllReduceSum.backward returns the local gradient (not reduced)",
+        ((T + 'test_dist/test_sync_ce_dist.py', ),)),
+    Mutation(
+        'sync_backward_fused', 'cenet_mmdet/models/layers/ce_layer.py',
+        'packed = self._reduce(torch.cat([grad.reshape(-1) for grad in grads]))',
+        'packed = torch.cat([grad.reshape(-1) for grad in grads])',
+        "the hand-written backward does not sum the sums' gradients over the workers",
         ((T + 'test_dist/test_sync_ce_dist.py', ),)),
     Mutation(
         'cpu_sync_bn_local', 'cenet_mmdet/engine/cpu_dist.py',

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import (FoldConstants, fold_channel_equilibrium, fold_constants,
-                    inverse_sqrt_newton, resolve_group_size)
+                    gate_backward, gate_forward, inverse_sqrt_newton,
+                    inverse_sqrt_newton_backward, resolve_group_size)
 
 WHITENING_MODES = ('released', 'paper')
 #: the block's variants (paper Table 4): both branches, BD only, AII only
@@ -56,6 +57,26 @@ class PerSampleAffine(NamedTuple):
     instance_var: Tensor
 
 
+class MapsGradients(NamedTuple):
+    """The gradients of :meth:`CEBlock.maps` with respect to its inputs and
+    the block's parameters (None for frozen ones)."""
+
+    #: ``(G, d, d)``
+    whitening: Tensor
+    #: ``(1,)``
+    aii_scale: Tensor
+    #: ``(G, d)``, of :attr:`PerSampleAffine.scale`
+    scale: Tensor
+    #: ``(N, G, d)``, of :attr:`PerSampleAffine.shift`
+    shift: Tensor
+    #: ``(N, C)``, of :attr:`PerSampleAffine.instance_var`
+    instance_var: Tensor
+    #: ``(1,)``, of ``lambda_logit``
+    lambda_logit: Tensor
+    #: of the gate's ``(W_1, LN weight, LN bias, W_2)``, or None (frozen)
+    gate: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
 def _params_to_buffers(module: nn.Module) -> None:
     """Re-register every parameter of ``module`` (recursively) as a buffer.
 
@@ -92,12 +113,22 @@ class AdaptiveInstanceInverse(nn.Module):
         # The released code starts at 0 (division by zero before training).
         self.register_buffer('running_scale', torch.ones(1))
 
-    def forward(self, variance: Tensor) -> Tensor:
+    def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(W_1, LN weight, LN bias, W_2)``."""
+        reduce, norm, _, expand = self.gate
+        return reduce.weight, norm.weight, norm.bias, expand.weight
+
+    def forward(self, variance: Tensor, trail: Optional[dict] = None) -> Tensor:
         """Gate values ``(N, C)`` in (0, 1) from per-instance variances ``(N, C)``,
-        computed in the gate's dtype and returned in ``variance``'s."""
+        computed in the gate's dtype and returned in ``variance``'s. With a
+        ``trail`` dict (same dtype only), its ``gate_trace`` is stored there
+        (:func:`~cenet_mmdet.ops.gate_forward`)."""
+        reduce, norm, _, expand = self.gate
+        if trail is not None:
+            gate, trail['gate_trace'] = gate_forward(variance, self.weights(), norm.eps)
+            return gate
         # ``self.gate`` computed functionally: the same ops without four
         # submodule calls (a CE layer's fixed cost matters on the CPU).
-        reduce, norm, _, expand = self.gate
         hidden = F.layer_norm(
             F.linear(variance.to(reduce.weight.dtype), reduce.weight),
             norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -180,6 +211,8 @@ class CEBlock(nn.Module):
             self.lambda_logit = nn.Parameter(torch.zeros(1))
         if self.has_aii:
             self.aii = AdaptiveInstanceInverse(num_channels, reduction)
+        # the (d, d) identity (not saved): no identity is made per call
+        self.register_buffer('identity', torch.eye(self.group_size), persistent=False)
         if self.has_bd:
             groups, size = self.num_groups, self.group_size
             self.register_buffer('running_mean', torch.zeros(groups, size, 1))
@@ -215,19 +248,37 @@ class CEBlock(nn.Module):
         self.gate_frozen = True
 
     # ----------------------------------------------------------------- math
-    def batch_statistics(self, mean: Tensor, cov: Tensor,
-                         mean_instance_var: Tensor) -> BlockStatistics:
+    def batch_statistics(self, mean: Tensor, cov: Tensor, mean_instance_var: Tensor,
+                         trail: Optional[dict] = None) -> BlockStatistics:
         """The block's statistics from the batch statistics of its input:
         ``mean`` ``(G, d)``, the group covariance ``cov`` ``(G, d, d)`` and
-        :math:`\\bar v` (a scalar tensor)."""
+        :math:`\\bar v` (a scalar tensor). With a ``trail`` dict, what
+        :meth:`batch_statistics_backward` needs is stored in it."""
         whitening = aii_scale = None
         if self.has_bd:
-            eye = torch.eye(self.group_size, dtype=cov.dtype, device=cov.device)
-            whitening = inverse_sqrt_newton(cov + self.eps * eye, self.num_iters,
-                                            rescale=self.whitening == 'paper')
+            eye = self.identity.to(cov.dtype)
+            newton = None if trail is None else []
+            whitening = inverse_sqrt_newton(torch.add(cov, eye, alpha=self.eps),
+                                            self.num_iters,
+                                            rescale=self.whitening == 'paper',
+                                            trail=newton, eye=eye)
         if self.has_aii:
             aii_scale = mean_instance_var.clamp_min(self.eps).sqrt()
+        if trail is not None:
+            trail.update(newton=newton, mean_instance_var=mean_instance_var,
+                         whitening=whitening, aii_scale=aii_scale)
         return BlockStatistics(whitening, mean if self.has_bd else None, aii_scale)
+
+    def batch_statistics_backward(self, trail: dict, grad_whitening: Tensor,
+                                  grad_aii_scale: Tensor) -> Tuple[Tensor, Tensor]:
+        """The gradients of :meth:`batch_statistics` (released whitening, both
+        branches) with respect to ``cov`` and ``mean_instance_var``, from those
+        of the whitening and the AII scale."""
+        grad_cov = inverse_sqrt_newton_backward(grad_whitening, trail['newton'])
+        # s = sqrt(max(v, eps)): ds / dv = 1 / (2 s) where v >= eps
+        mean_var, aii_scale = trail['mean_instance_var'], trail['aii_scale']
+        grad_mean_var = torch.div(grad_aii_scale, aii_scale).mul_(0.5)
+        return grad_cov, grad_mean_var.masked_fill_(mean_var < self.eps, 0)
 
     def running_statistics(self, dtype: torch.dtype) -> BlockStatistics:
         """The block's statistics from its running buffers, in ``dtype``."""
@@ -251,24 +302,80 @@ class CEBlock(nn.Module):
             updates.append((self.aii.running_scale, stats.aii_scale.reshape(1)))
         return updates
 
-    def maps(self, stats: BlockStatistics, affine: PerSampleAffine
-             ) -> Tuple[Tensor, Tensor]:
+    def maps(self, stats: BlockStatistics, affine: PerSampleAffine,
+             trail: Optional[dict] = None) -> Tuple[Tensor, Tensor]:
         """The per-sample maps ``(M_n (N, G, d, d), c_n (N, G, d, 1))`` of
-        normalizer and block together, for the input ``u`` of ``affine``."""
+        normalizer and block together, for the input ``u`` of ``affine``. With
+        a ``trail`` dict, what :meth:`maps_backward` needs is stored in it."""
         groups, size = self.num_groups, self.group_size
         scale = affine.scale
         lam = self.mixing(scale)
         if self.has_aii:
-            instance_scale = (1 - lam) * self.aii(affine.instance_var) / stats.aii_scale
+            # k_n = (1 - lambda) F(v_n) / s
+            gate_scale = (1 - lam) / stats.aii_scale
+            gate = self.aii(affine.instance_var, trail)
+            instance_scale = gate * gate_scale
+            if trail is not None:
+                trail.update(lam=lam, gate_scale=gate_scale, gate=gate)
         else:
             instance_scale = affine.instance_var.new_zeros(affine.instance_var.shape)
         whitening = stats.whitening
         if whitening is None:  # AII only: lam = 0, no BD term
             whitening = scale.new_zeros(groups, size, size)
         center = stats.mean if self.whitening == 'paper' and self.has_bd else None
+        if trail is not None:
+            trail.update(scale=scale, shift=affine.shift)
         return fold_channel_equilibrium(
             lam, whitening, instance_scale.view(-1, groups, size), scale,
-            affine.shift, center)
+            affine.shift, center, trail, self.identity.to(scale.dtype))
+
+    def maps_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
+                      ) -> 'MapsGradients':
+        """The gradients of :meth:`maps` (released whitening, both branches;
+        a normalizer scale ``a`` ``(G, d)`` or one per sample ``(N, G, d)``).
+
+        With :math:`A_n = \\lambda W + \\mathrm{diag}(k_n)`, :math:`M_n = A_n
+        \\mathrm{diag}(a)` and :math:`c_n = A_n b_n`: :math:`\\partial A_n =
+        \\partial M_n \\mathrm{diag}(a) + \\partial c_n b_n^T`,
+        :math:`\\partial a = \\sum_n \\mathrm{colsum}(\\partial M_n \\odot
+        A_n)`, :math:`\\partial b_n = A_n^T \\partial c_n`, then
+        :math:`\\lambda`, :math:`W`, :math:`k_n = K F(v_n)` with :math:`K =
+        (1 - \\lambda) / s`, and the gate's chain."""
+        per_sample, scale, shift = trail['per_sample'], trail['scale'], trail['shift']
+        lam, gate_scale = trail['lam'], trail['gate_scale']
+        n, groups, size, _ = per_sample.shape
+        batch = n * groups
+        # (N, G, d, d) -> (N*G, d, d); (N, G, d, 1) @ (N, G, 1, d) added
+        # columns scaled by a: (G, 1, d) or, one per sample, (N, G, 1, d)
+        grad_per_sample = torch.baddbmm((grad_matrix * scale.unsqueeze(-2)).view(batch, size, size),
+                                        grad_bias.reshape(batch, size, 1),
+                                        shift.reshape(batch, 1, size))
+        # (G, d), or (N, G, d) for a scale per sample
+        grad_scale = (grad_matrix * per_sample).sum((0, 2) if scale.dim() == 2 else 2)
+        # (N*G, d, d)^T @ (N*G, d, 1) -> (N, G, d)
+        grad_shift = torch.bmm(per_sample.view(batch, size, size).mT,
+                               grad_bias.reshape(batch, size, 1)).view(n, groups, size)
+        grad_per_sample = grad_per_sample.view(n, groups, size, size)
+        grad_sum = grad_per_sample.sum(0)  # (G, d, d): of lambda W
+        grad_lam = torch.dot(grad_sum.view(-1), trail['whitening'].reshape(-1))
+        grad_instance_scale = grad_per_sample.diagonal(dim1=-2, dim2=-1)  # (N, G, d)
+        grad_gate = (grad_instance_scale * gate_scale).view(n, groups * size)
+        grad_gate_scale = (grad_instance_scale * trail['gate'].view(n, groups, size)).sum()
+        # K = (1 - lambda) / s: dK / dlambda = -1 / s, dK / ds = -K / s
+        ratio = grad_gate_scale / trail['aii_scale']
+        grad_logit = torch.ops.aten.sigmoid_backward(grad_lam - ratio, lam)
+        grad_instance_var, grad_gate_weights = gate_backward(
+            grad_gate, trail['gate_trace'], self.aii.weights(),
+            weight_grads=not self.gate_frozen)
+        return MapsGradients(
+            whitening=grad_sum * lam, aii_scale=torch.mul(ratio, gate_scale).neg_(),
+            scale=grad_scale, shift=grad_shift, instance_var=grad_instance_var,
+            lambda_logit=grad_logit, gate=grad_gate_weights)
+
+    def fused_backward_supported(self) -> bool:
+        """Whether :meth:`maps_backward` and :meth:`batch_statistics_backward`
+        cover this block: both branches, the released whitening, ``T >= 1``."""
+        return self.variant == 'ce' and self.whitening == 'released' and self.num_iters >= 1
 
     def fold_constants(self, stats: BlockStatistics, scale: Tensor,
                        shift: Tensor) -> FoldConstants:

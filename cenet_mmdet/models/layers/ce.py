@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import (FoldConstants, instance_variance, mean_and_covariance,
-                    modes, shifted_moments)
-from .block import BlockStatistics, PerSampleAffine
-from .ce_layer import CELayer, Moments
+from ...ops import (FoldConstants, batch_moments, batch_moments_backward,
+                    instance_variance, mean_and_covariance, modes)
+from .block import PerSampleAffine
+from .ce_layer import CELayer, Moments, TrainAffine
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -116,51 +116,119 @@ class CE(CELayer, nn.BatchNorm2d):
             scale = scale * self.weight.to(scale.dtype)
         return scale
 
-    def _train_affine(self, moments: Moments, spatial: Tuple[int, int]
-                      ) -> Tuple[PerSampleAffine, BlockStatistics]:
-        """BN's map and the block's statistics from batch statistics; the
-        running buffers of both are updated."""
+    def _train_affine(self, moments: Moments, spatial: Tuple[int, int],
+                      trail: Optional[dict] = None) -> TrainAffine:
+        """BN's map, the block's statistics from batch statistics, and the
+        running updates of both. With a ``trail`` dict, what
+        :meth:`_train_backward` needs is stored in it."""
         shift, positions = moments.shift, moments.positions
         n, groups, size = moments.sums.shape
         channels = groups * size
-        instance_var = instance_variance(moments.deviations(), positions)  # (N, C)
+        deviations = moments.deviations()  # (N, G, d)
+        instance_var = instance_variance(deviations, positions)  # (N, C)
         # Batch sums about one reference t shared by all workers.
         reference = self._common_shift(shift)  # (G, d)
         offset = shift - reference  # (N, G, d)
-        ref_sums, ref_gram = shifted_moments(moments.sums, moments.second, offset,
-                                             positions)
+        ref_sums, ref_gram = batch_moments(moments.sums, moments.second, offset,
+                                           positions)
         # sum (x-t) (C), sum (x-t)(x-t)^T (G, d, d), sum_n var_nc (C); without
         # data the running buffers are not updated
         total_sum, total_gram, total_var, has_data, count, num_instances = (
-            self._reduce_batch_sums(ref_sums.sum(0), ref_gram.sum(0),
-                                    instance_var.sum(0), n, positions, min_count=2))
+            self._reduce_batch_sums(ref_sums, ref_gram, instance_var.sum(0), n,
+                                    positions, min_count=2))
         # BN statistics: the mean relative to t first (small, accurate).
         mean_rel, cov_x = mean_and_covariance(total_sum.view(groups, size),
                                               total_gram, count)  # (G, d), (G, d, d)
-        var = cov_x.diagonal(dim1=-2, dim2=-1).flatten().clamp_min(0)  # (C,)
-        mean = mean_rel.flatten() + reference.flatten()
-        bn_scale = self._bn_scale(var)
-        scale_g = bn_scale.view(groups, size)
-        beta = self._normalizer_beta(bn_scale).view(groups, size)
+        var = cov_x.diagonal(dim1=-2, dim2=-1).clamp_min(0)  # (G, d)
+        rstd = torch.rsqrt(var + self.eps)
+        scale = rstd * self.weight.to(rstd.dtype).view(groups, size) if self.affine else rstd
+        beta = self._normalizer_beta(rstd).view(groups, size)
         # y = a (x - mean) + beta = a u + b_n with
         # b_n = a (shift_n - mean) + beta = a (offset_n - mean_rel) + beta.
-        affine = PerSampleAffine(scale_g, scale_g * (offset - mean_rel) + beta,
-                                 instance_var * bn_scale.square())
+        centred_offset = offset - mean_rel  # (N, G, d)
+        square = scale * scale  # (G, d)
+        affine = PerSampleAffine(scale, torch.addcmul(beta, scale, centred_offset),
+                                 instance_var * square.view(channels))
         if self.pool_stats:
             mean_y, cov_y = self._pooled_statistics(moments.source, affine, count,
                                                     spatial)
         else:  # y = a x + b: mean beta, covariance diag(a) Cov(x) diag(a)
             mean_y = beta
-            cov_y = cov_x * scale_g.unsqueeze(-1) * scale_g.unsqueeze(-2)
+            outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)  # (G, d, d)
+            cov_y = cov_x * outer
         # AII: per-instance variance of y is a^2 Var(x); batch scale from all N, C.
-        mean_var = (total_var * bn_scale.square()).sum() / (num_instances * channels)
-        stats = self.ce.batch_statistics(mean_y, cov_y, mean_var)
+        mean_var = (total_var * square.view(channels)).sum() / (num_instances * channels)
+        stats = self.ce.batch_statistics(mean_y, cov_y, mean_var, trail)
         updates = [
-            (self.running_mean, mean),
-            (self.running_var, var * (count / (count - 1))),  # unbiased
+            (self.running_mean, (mean_rel + reference).view(channels)),
+            (self.running_var, var.view(channels) * (count / (count - 1))),  # unbiased
         ] + self.ce.running_updates(stats)
-        self._commit_running(updates, has_data, mean)
-        return affine, stats
+        if trail is not None:
+            trail.update(sums=moments.sums, deviations=deviations, offset=offset,
+                         instance_var=instance_var, total_var=total_var,
+                         count=count, num_instances=num_instances, positions=positions,
+                         mean_rel=mean_rel, cov_x=cov_x, rstd=rstd, bn_scale=scale,
+                         centred_offset=centred_offset, square=square, outer=outer)
+        return TrainAffine(affine, stats, (updates, has_data, mean_rel))
+
+    def _fused_backward_supported(self, dtype: torch.dtype) -> bool:
+        return not self.pool_stats and super()._fused_backward_supported(dtype)
+
+    def _train_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
+                        ) -> Tuple[Optional[Tensor], ...]:
+        """BN's part of the hand-written backward (``CELayer._train_backward``)."""
+        ce = self.ce
+        grads = ce.maps_backward(trail, grad_matrix, grad_bias)
+        grad_cov_y, grad_mean_var = ce.batch_statistics_backward(
+            trail, grads.whitening, grads.aii_scale)
+        sums, deviations, offset = trail['sums'], trail['deviations'], trail['offset']
+        scale, square, rstd, cov_x = (trail['bn_scale'], trail['square'], trail['rstd'],
+                                      trail['cov_x'])
+        n, groups, size = sums.shape
+        channels = groups * size
+        count = trail['count']
+        # Only the symmetric part of d cov_y matters (every use of cov_y is
+        # symmetric): D = d cov_y + d cov_y^T, twice that part.
+        doubled = grad_cov_y + grad_cov_y.mT  # (G, d, d)
+        # cov_y = cov_x * a a^T: d a = (D * cov_x) a, 2 d cov_x = D * a a^T
+        grad_scale = torch.baddbmm(grads.scale.unsqueeze(-1), doubled * cov_x,
+                                   scale.unsqueeze(-1)).squeeze(-1)  # (G, d)
+        grad_cov = doubled * trail['outer']  # twice d cov_x
+        # v_n = var_n * a^2, mean_var = <total_var, a^2> / (N C)
+        grad_mean = grad_mean_var / (trail['num_instances'] * channels)
+        grad_total_var = grad_mean * square.view(channels)
+        grad_square = torch.addcmul((grads.instance_var * trail['instance_var']).sum(0),
+                                    trail['total_var'], grad_mean)
+        grad_scale.addcmul_(scale, grad_square.view(groups, size), value=2)
+        # b_n = beta + a (offset_n - mean_rel)
+        grad_beta = grads.shift.sum(0)  # (G, d)
+        grad_scale.add_((grads.shift * trail['centred_offset']).sum(0))
+        # a = rstd * gamma, rstd = (var + eps)^(-1/2), var = max(diag cov_x, 0):
+        # d var = -0.5 d a gamma rstd^3 = -0.5 d gamma a rstd (d gamma = d a rstd)
+        grad_weight = grad_scale * rstd
+        grad_var = (grad_weight * scale).mul_(rstd)  # -2 d var
+        grad_var.masked_fill_(cov_x.diagonal(dim1=-2, dim2=-1) < 0, 0)
+        grad_cov.diagonal(dim1=-2, dim2=-1).add_(grad_var, alpha=-1.0)
+        # cov_x = total_gram / count - m m^T, m = total_sum / count:
+        # d m = -(d cov_x + d cov_x^T) m - a d beta
+        negative = torch.baddbmm((scale * grad_beta).unsqueeze(-1), grad_cov,
+                                 trail['mean_rel'].unsqueeze(-1)).view(channels)
+        grad_total_sum, grad_total_gram, grad_total_var = self._reduce_gradients(
+            negative / -count, grad_cov / (2 * count), grad_total_var)
+        # var_n = max(dev_n / (L - 1), 0), dev_n = Q_n - S_n^2 / L
+        length = trail['positions']
+        grad_dev = (torch.addcmul(grad_total_var, grads.instance_var, square.view(channels))
+                    .view(n, groups, size).masked_fill_(deviations < 0, 0)
+                    .div_(length - 1))
+        # d S_n = d total_sum + 2 d total_gram delta_n - 2 S_n d dev_n / L
+        grad_sums = torch.addcmul(grad_total_sum.view(groups, size), sums, grad_dev,
+                                  value=-2.0 / length)
+        grad_sums.add_(batch_moments_backward(grad_total_gram, offset))
+        # d G_n = d total_gram + diag(d dev_n), (N, G, d, d)
+        grad_gram = torch.addcmul(grad_total_gram, grad_dev.unsqueeze(-1),
+                                  self.ce.identity)
+        return (grad_sums, grad_gram) + self._parameter_gradients(
+            grads, grad_weight.view(channels), grad_beta.view(channels))
 
     def _pooled_statistics(self, source: Tensor, affine: PerSampleAffine,
                            count: Tensor, spatial: Tuple[int, int]

@@ -34,9 +34,9 @@ from mmengine.logging import print_log
 from torch import Tensor
 
 from ...ops import (FoldConstants, GradientLink, apply_maps, centred_sums,
-                    constant_maps, sample_moments)
+                    constant_maps, sample_moments, small_graph)
 from ...ops import modes
-from .block import BlockStatistics, CEBlock, PerSampleAffine
+from .block import BlockStatistics, CEBlock, MapsGradients, PerSampleAffine
 
 
 class Moments(NamedTuple):
@@ -67,6 +67,16 @@ class Moments(NamedTuple):
         """``(N, G, d)``, :math:`\\sum_l (u_l - \\bar u)^2` per (image, channel)
         (computed at each call: call it once)."""
         return centred_sums(self.sums, self.squares, self.positions)
+
+
+class TrainAffine(NamedTuple):
+    """What a layer's normalizer part gives in training (``_train_affine``)."""
+
+    affine: PerSampleAffine
+    stats: BlockStatistics
+    #: the arguments of :meth:`CELayer._commit_running`: ``(updates, has_data,
+    #: like)``
+    running: tuple
 
 
 class CELayer:
@@ -181,16 +191,69 @@ class CELayer:
             matrix, bias = constant_maps(moments.sums, moments.squares,
                                          moments.positions, constants,
                                          moments.shift)
+        elif training:
+            matrix, bias = self._train_maps(moments, (h, w))
         else:
-            if training:
-                affine, stats = self._train_affine(moments, (h, w))
-            else:
-                affine = self._eval_affine(moments)
-                stats = self.ce.running_statistics(compute_dtype)
+            affine = self._eval_affine(moments)
+            stats = self.ce.running_statistics(compute_dtype)
             matrix, bias = self.ce.maps(stats, affine)
         # (N, G, d, d) @ (N, G, d, L) + (N, G, d, 1) -> (N, C, H, W)
         out = apply_maps(matrix, bias, moments.source, (n, c, h, w), link)
         return out.to(x.dtype)
+
+    def _train_maps(self, moments: Moments, spatial: Tuple[int, int]
+                    ) -> Tuple[Tensor, Tensor]:
+        """The maps of a training step, and the running updates committed.
+
+        Eagerly, with autograd recording and where the layer has a
+        hand-written backward (:meth:`_fused_backward_supported`), the small
+        graph from the moments to the maps is one autograd node
+        (:func:`~cenet_mmdet.ops.small_graph`); otherwise autograd records it
+        op by op (compiled, traced, the other options)."""
+        def graph(sums: Tensor, second: Tensor, *params: Tensor,
+                  trail: Optional[dict] = None):
+            affine, stats, running = self._train_affine(
+                moments._replace(sums=sums, second=second), spatial, trail)
+            matrix, bias = self.ce.maps(stats, affine, trail)
+            return matrix, bias, running
+
+        sums, second = moments.sums, moments.second
+        params = list(self.parameters())
+        if (modes.is_eager() and modes.records_grad(sums, second, *params)
+                and self._fused_backward_supported(sums.dtype)):
+            matrix, bias, running = small_graph(graph, self._train_backward,
+                                                (sums, second, *params))
+        else:
+            matrix, bias, running = graph(sums, second)
+        self._commit_running(*running)
+        return matrix, bias
+
+    def _fused_backward_supported(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`_train_backward` covers this layer's options for
+        inputs of ``dtype``: the block's (:meth:`CEBlock.fused_backward_supported`),
+        with every parameter and gate weight in ``dtype``."""
+        return self.ce.fused_backward_supported() and all(
+            tensor.dtype == dtype
+            for tensor in list(self.parameters()) + list(self.ce.aii.weights()))
+
+    def _train_backward(self, trail: dict, grad_matrix: Tensor, grad_bias: Tensor
+                        ) -> Tuple[Optional[Tensor], ...]:
+        """The gradients of :meth:`_train_affine` and ``ce.maps`` with
+        respect to the inputs of :meth:`_train_maps`: the moments ``(sums,
+        second)``, then one per parameter (:meth:`_parameter_gradients`)."""
+        raise NotImplementedError
+
+    def _parameter_gradients(self, grads: MapsGradients, weight: Optional[Tensor],
+                             bias: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        """One gradient per parameter, in ``self.parameters()``'s order: the
+        normalizer's ``weight`` and ``bias`` ``(C,)``, and the block's from
+        ``grads``."""
+        by_tensor = {id(self.weight): weight, id(self.bias): bias} if self.affine else {}
+        if self.ce.variant == 'ce':
+            by_tensor[id(self.ce.lambda_logit)] = grads.lambda_logit
+        if grads.gate is not None:
+            by_tensor.update(zip(map(id, self.ce.aii.weights()), grads.gate))
+        return tuple(by_tensor.get(id(param)) for param in self.parameters())
 
     def _use_batch_stats(self) -> bool:
         return self.training
@@ -228,7 +291,7 @@ class CELayer:
                                            moments.positions):
                 return moments
             # (dropped, with their autograd node: shifted below)
-        shift = x_grouped[..., :1].detach().contiguous()  # (N, G, d, 1)
+        shift = x_grouped[..., :1].detach()  # (N, G, d, 1), a view
         source = x_grouped - shift
         return Moments(source, shift.squeeze(-1),
                        *sample_moments(source, training, link))
@@ -250,8 +313,8 @@ class CELayer:
                                    value=-(1 + ratio) / (ratio * positions))
             return margin.numel() == 0 or margin.min().item() >= 0
 
-    def _train_affine(self, moments: Moments, spatial: Tuple[int, int]
-                      ) -> Tuple[PerSampleAffine, BlockStatistics]:
+    def _train_affine(self, moments: Moments, spatial: Tuple[int, int],
+                      trail: Optional[dict] = None) -> TrainAffine:
         raise NotImplementedError
 
     def _eval_affine(self, moments: Moments) -> PerSampleAffine:
@@ -262,20 +325,29 @@ class CELayer:
         """Combine the packed batch statistics across workers (identity here)."""
         return packed
 
+    def _synchronized(self) -> bool:
+        """Whether :meth:`_reduce` combines the batch sums of several workers."""
+        return False
+
     def _reduce_batch_sums(self, first: Tensor, second: Tensor, instance_var: Tensor,
-                           num_samples: int, positions: int, min_count: int = 1
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           num_samples: int, positions: int, min_count: int = 1):
         """The batch sums of a training step, over the workers with one
         :meth:`_reduce` when synchronized.
 
-        Packs ``[first (C) | second (G*d*d) | instance_var (C) | N*L | N]``
-        from this worker's sums over its ``num_samples`` images: ``first``
+        From this worker's sums over its ``num_samples`` images: ``first``
         ``(G, d)`` or ``(C,)``, ``second`` ``(G, d, d)``, ``instance_var``
-        ``(C,)``. Returns ``(first (C,), second (G, d, d), instance_var (C,),
-        has_data, count, num_instances)``, the counts clamped to ``min_count``
-        and 1: an all-empty synchronized batch has no statistics (``has_data``
-        False) and divides by no 0.
+        ``(C,)`` (or its total, ``(1,)``). Returns ``(first (C,), second
+        (G, d, d), instance_var,
+        has_data, count, num_instances)``, the counts ``N*L`` and ``N`` clamped
+        to ``min_count`` and 1 (an all-empty synchronized batch has no
+        statistics, ``has_data`` False, and divides by no 0). Not
+        synchronized: the counts are numbers and ``has_data`` True; else
+        tensors, after one :meth:`_reduce` of the packed ``[first | second |
+        instance_var | N*L | N]``.
         """
+        if not self._synchronized():
+            return (first.reshape(-1), second, instance_var, True,
+                    max(num_samples * positions, min_count), max(num_samples, 1))
         groups, size, _ = second.shape
         channels = groups * size
         packed = torch.cat([
@@ -286,9 +358,19 @@ class CELayer:
         ])
         packed = self._reduce(packed)
         total_first, total_second, total_var, counts = torch.split(
-            packed, [channels, channels * size, channels, 2])
+            packed, [channels, channels * size, instance_var.numel(), 2])
         return (total_first, total_second.view(groups, size, size), total_var,
                 counts[0] > 0, counts[0].clamp_min(min_count), counts[1].clamp_min(1))
+
+    def _reduce_gradients(self, *grads: Tensor) -> Tuple[Tensor, ...]:
+        """In a hand-written backward: the gradients of the reduced sums,
+        summed over the workers like the sums (one :meth:`_reduce`)."""
+        if not self._synchronized():
+            return grads
+        # [grad first (C) | grad second (G*d*d) | grad instance_var (C)]
+        packed = self._reduce(torch.cat([grad.reshape(-1) for grad in grads]))
+        return tuple(part.view_as(grad) for part, grad in zip(
+            packed.split([grad.numel() for grad in grads]), grads))
 
     def _commit_running(self, updates: List[Tuple[Tensor, Tensor]],
                         has_data: Tensor, like: Tensor) -> None:
@@ -305,11 +387,14 @@ class CELayer:
             values = torch.cat([value.reshape(-1) for _, value in updates])
             # 0 * x is 0 for every finite x and NaN otherwise: one reduction
             finite = (values * 0).sum() == 0
-            accept = has_data & finite
-            self.nonfinite_skips.add_((has_data & ~finite).to(self.nonfinite_skips.dtype))
+            if has_data is True:  # (a number: not synchronized)
+                accept, skipped = finite, ~finite
+            else:
+                accept, skipped = has_data & finite, has_data & ~finite
+            self.nonfinite_skips.add_(skipped)
             tracked = getattr(self, 'num_batches_tracked', None)
             if tracked is not None:
-                tracked.add_(accept.to(tracked.dtype))
+                tracked.add_(accept)
             if all(buffer.dtype == values.dtype for buffer in buffers):
                 # lerp(b, b, w) == b exactly: a rejected update changes nothing
                 values = torch.where(accept, values,

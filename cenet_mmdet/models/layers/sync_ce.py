@@ -33,8 +33,8 @@ reference ``t`` of the sums (``C + 1`` numbers, forward only, see
 (moments of ``x - t`` for a reference ``t`` shared by the workers, see
 :class:`SyncCE`), i.e. ``4 * (2*C + C*d + 2)`` bytes for float32: 18,440 bytes for C=256,
 d=16; 16,904 bytes for the stem (C=64, d=64); 73,736 bytes for C=1024, d=16.
-The backward pass all-reduces the gradient of that tensor once (the sums are
-differentiable), so a training step costs two collectives of that size per
+The backward pass all-reduces the gradient of the sums once (without the two
+counts), so a training step costs two collectives of about that size per
 layer, plus the small one. Evaluation uses running statistics and communicates nothing. A worker
 with an empty batch (``N = 0``) still joins both collectives and contributes
 zeros; if every worker's batch is empty, the outputs are empty and the running
@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ...ops import modes
 from .ce import CE, CELayer
 from .group_norm_ce import GroupNormCE
 
@@ -82,14 +83,22 @@ class _SyncStatistics:
         return (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
+    def _synchronized(self) -> bool:
+        return self._distributed()
+
     def _check_batch(self, x_grouped: Tensor) -> None:
         if not self._distributed():  # an empty local batch is fine when synced
             super()._check_batch(x_grouped)
 
     def _reduce(self, packed: Tensor) -> Tensor:
+        """``packed`` summed over the workers: differentiably where autograd
+        records it, else in place (the callers' packed tensors are fresh)."""
         if not self._distributed():
             return packed
-        return _AllReduceSum.apply(packed, self.process_group)
+        if modes.records_grad(packed):
+            return _AllReduceSum.apply(packed, self.process_group)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.process_group)
+        return packed
 
     @classmethod
     def convert_sync_ce(cls, module: nn.Module,
@@ -182,7 +191,7 @@ class SyncGroupNormCE(_SyncStatistics, GroupNormCE):
     ``all_reduce`` per training forward (and one for its gradient), as in
     :class:`SyncCE`::
 
-        [ sum_z (C) | sum_z z z^T per group (G*d*d) | sum_n var_nc (C) | N*H*W | N ]
+        [ sum_z (C) | sum_z z z^T per group (G*d*d) | sum_nc var_nc (1) | N*H*W | N ]
 
     Falls back to :class:`GroupNormCE` when torch.distributed is not
     initialized, the world size is 1, or in eval mode.
