@@ -14,9 +14,11 @@ tensors keep their usual names. One forward, for every normalizer:
 4. the normalizer's part (the subclass): its per-sample affine map, and in
    training the batch statistics of its output after one reduction
    (:meth:`_reduce`: local, or one packed ``all_reduce`` in the Sync forms);
-5. the block's maps (:meth:`CEBlock.maps`), applied by one GEMM, whose
-   backward hands its input gradient to the moments' backward
-   (:class:`~cenet_mmdet.ops.GradientLink`): one activation-sized gradient;
+5. the block's maps (:meth:`CEBlock.maps`; in a training step, steps 4-5 are
+   one autograd node with a hand-written backward where the layer has one,
+   :meth:`_train_maps`), applied by one GEMM, whose backward hands its GEMM
+   operands to the moments' backward (:class:`~cenet_mmdet.ops.GradientLink`):
+   one activation-sized gradient;
 6. the output cast back to the input's dtype.
 
 A training batch whose statistics are not finite (NaN/Inf input, e.g. an AMP
@@ -87,10 +89,12 @@ class CELayer:
 
     * :meth:`_train_affine`: from the moments, the normalizer's per-sample
       affine map and the block's batch statistics (after one
-      :meth:`_reduce_batch_sums`), committing the running updates;
+      :meth:`_reduce_batch_sums`), and the running updates to commit;
     * :meth:`_eval_affine`: the normalizer's per-sample affine map from its
       running statistics (or its per-sample ones);
-    * optionally :attr:`UNSHIFTED_EVAL` (see :meth:`_moments`) and
+    * optionally :meth:`_train_backward`, the hand-written backward of a
+      training step's small graph (:meth:`_train_maps`),
+      :attr:`UNSHIFTED_EVAL` (see :meth:`_moments`) and
       :meth:`_moments_in_graph`.
 
     ``isinstance(m, CELayer)`` finds every CE layer.
